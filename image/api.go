@@ -1,0 +1,107 @@
+package image
+
+import (
+	"errors"
+)
+
+// Sentinel errors callers branch on. Errors returned by this package wrap
+// them with the details (offsets, field names, file names).
+var (
+	// ErrCorrupt: the image's metadata is inconsistent or out of bounds.
+	ErrCorrupt = errors.New("corrupt qcow2 image")
+	// ErrUnsupported: the image uses a qcow2 feature this package refuses.
+	ErrUnsupported = errors.New("unsupported qcow2 feature")
+	// ErrOutOfRange: a request reaches past the end of the virtual disk.
+	ErrOutOfRange = errors.New("request past the end of the image")
+	// ErrReadOnly: a write to an image opened read-only.
+	ErrReadOnly = errors.New("image is read-only")
+	// ErrClosed: a call on a closed image.
+	ErrClosed = errors.New("image is closed")
+	// ErrInvalidOption: a creation option is out of range.
+	ErrInvalidOption = errors.New("invalid image option")
+)
+
+// Preallocation modes accepted by Create (qemu-img's names).
+const (
+	PreallocOff      = "off"
+	PreallocMetadata = "metadata"
+)
+
+// Default creation values, as qemu-img's.
+const (
+	DefaultClusterSize  = 64 << 10
+	DefaultRefcountBits = 16
+	MinClusterSize      = 512
+	MaxClusterSize      = 2 << 20
+)
+
+// CreateOptions describe a new image. The zero value of every field but
+// Size selects qemu-img's default.
+type CreateOptions struct {
+	Size          int64  // virtual size in bytes; rounded up to 512
+	ClusterSize   int    // power of two, 512 B..2 MiB; 0 means 64 KiB
+	RefcountBits  int    // 1, 2, 4, 8, 16, 32 or 64; 0 means 16
+	Preallocation string // "", "off" or "metadata"
+	LazyRefcounts bool   // set the lazy_refcounts compatible bit
+}
+
+// OpenOptions tune how an image is opened.
+type OpenOptions struct {
+	ReadOnly bool
+	// CacheSize bounds the memory held for L2 tables and refcount blocks,
+	// in bytes. 0 means DefaultCacheSize.
+	CacheSize int64
+}
+
+// DefaultCacheSize is the metadata cache of an image opened without a
+// CacheSize: enough L2 tables to map 32 GiB with 64 KiB clusters.
+const DefaultCacheSize = 4 << 20
+
+// Info describes an open image, as `qemu-img info` does.
+type Info struct {
+	Format          string `json:"format"`
+	Filename        string `json:"filename,omitempty"`
+	VirtualSize     int64  `json:"virtual-size"`
+	ActualSize      int64  `json:"actual-size"`
+	ClusterSize     int    `json:"cluster-size"`
+	Version         int    `json:"version"`
+	RefcountBits    int    `json:"refcount-bits"`
+	CompressionType string `json:"compression-type"`
+	LazyRefcounts   bool   `json:"lazy-refcounts"`
+	ExtendedL2      bool   `json:"extended-l2"`
+	Dirty           bool   `json:"dirty-flag"`
+	Corrupt         bool   `json:"corrupt"`
+}
+
+// Extent is a run of the virtual disk with one allocation state, as Map
+// reports it.
+type Extent struct {
+	Offset int64 `json:"start"`
+	Length int64 `json:"length"`
+	// Data: the run is backed by data clusters in the file.
+	Data bool `json:"data"`
+	// Zero: the run reads as zeros (unallocated or zero clusters).
+	Zero bool `json:"zero"`
+}
+
+// CheckResult is what Check found, and what it repaired.
+type CheckResult struct {
+	// Corruptions are problems that can lose data: refcounts lower than the
+	// references, overlapping clusters, tables out of bounds or misaligned.
+	Corruptions []string `json:"corruptions,omitempty"`
+	// Leaks are clusters with a refcount but no reference.
+	Leaks []string `json:"leaks,omitempty"`
+	// LeakedClusters counts the leaked clusters (Leaks may group them).
+	LeakedClusters int64 `json:"leaks-count"`
+	// Repaired counts the refcounts rewritten by a repairing check.
+	Repaired int64 `json:"repaired"`
+	// AllocatedClusters and TotalClusters describe guest clusters: how many
+	// are backed by data in the file, out of how many the disk has.
+	AllocatedClusters int64 `json:"allocated-clusters"`
+	TotalClusters     int64 `json:"total-clusters"`
+	// ImageEndOffset is the end of the last cluster in use.
+	ImageEndOffset int64 `json:"image-end-offset"`
+}
+
+// Clean reports whether the check found nothing to complain about.
+func (r *CheckResult) Clean() bool { return len(r.Corruptions) == 0 && len(r.Leaks) == 0 }

@@ -1,0 +1,169 @@
+package image
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math/bits"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// Create makes a new image at path. It refuses to overwrite an existing
+// file, and removes what it made if it fails.
+func Create(path string, opts CreateOptions) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		os.Remove(path)
+		return fmt.Errorf("%s: lock: %w", path, err)
+	}
+	err = CreateStorage(osFile{f}, opts)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(path)
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	return nil
+}
+
+// normalize applies the defaults and validates every option; errors name
+// the option as qemu-img spells it.
+func (o CreateOptions) normalize() (CreateOptions, error) {
+	if o.ClusterSize == 0 {
+		o.ClusterSize = DefaultClusterSize
+	}
+	if o.RefcountBits == 0 {
+		o.RefcountBits = DefaultRefcountBits
+	}
+	if o.Preallocation == "" {
+		o.Preallocation = PreallocOff
+	}
+	if !isPowerOfTwo(int64(o.ClusterSize)) || o.ClusterSize < MinClusterSize || o.ClusterSize > MaxClusterSize {
+		return o, fmt.Errorf("cluster_size %d: must be a power of two from 512 to 2M: %w", o.ClusterSize, ErrInvalidOption)
+	}
+	if !isPowerOfTwo(int64(o.RefcountBits)) || o.RefcountBits > 64 {
+		return o, fmt.Errorf("refcount_bits %d: must be 1, 2, 4, 8, 16, 32 or 64: %w", o.RefcountBits, ErrInvalidOption)
+	}
+	if o.Preallocation != PreallocOff && o.Preallocation != PreallocMetadata {
+		return o, fmt.Errorf("preallocation %q: must be off or metadata: %w", o.Preallocation, ErrInvalidOption)
+	}
+	if o.Size <= 0 {
+		return o, fmt.Errorf("size %d: must be positive: %w", o.Size, ErrInvalidOption)
+	}
+	o.Size = (o.Size + 511) &^ 511
+	cs := int64(o.ClusterSize)
+	if l1 := l1EntriesFor(o.Size, cs, cs/8); l1*8 > maxL1Bytes {
+		return o, fmt.Errorf("size %d: too large for %d-byte clusters (the L1 table would exceed %d MiB): %w",
+			o.Size, cs, maxL1Bytes>>20, ErrInvalidOption)
+	}
+	return o, nil
+}
+
+func l1EntriesFor(size, clusterSize, l2Entries int64) int64 {
+	coverage := clusterSize * l2Entries
+	return (size + coverage - 1) / coverage
+}
+
+// CreateStorage writes a new, empty image to s, which must be empty. s
+// stays open and owned by the caller.
+//
+// The layout is QEMU's: the header in cluster 0, then the refcount table,
+// the refcount blocks and the L1 table, with the refcounts covering all of
+// them.
+func CreateStorage(s Storage, opts CreateOptions) error {
+	o, err := opts.normalize()
+	if err != nil {
+		return err
+	}
+	cs := int64(o.ClusterSize)
+	l1Entries := l1EntriesFor(o.Size, cs, cs/8)
+	l1Clusters := (l1Entries*8 + cs - 1) / cs
+	blockEntries := cs * 8 / int64(o.RefcountBits)
+
+	tableClusters, blocks := int64(1), int64(1)
+	for {
+		total := 1 + tableClusters + blocks + l1Clusters
+		nb := (total + blockEntries - 1) / blockEntries
+		nt := (nb*8 + cs - 1) / cs
+		if nb == blocks && nt == tableClusters {
+			break
+		}
+		blocks, tableClusters = nb, nt
+	}
+	total := 1 + tableClusters + blocks + l1Clusters
+
+	h := &header{
+		version:               3,
+		clusterBits:           uint32(bits.TrailingZeros64(uint64(cs))),
+		size:                  uint64(o.Size),
+		l1Size:                uint32(l1Entries),
+		l1TableOffset:         uint64((1 + tableClusters + blocks) * cs),
+		refcountTableOffset:   uint64(cs),
+		refcountTableClusters: uint32(tableClusters),
+		refcountOrder:         uint32(bits.TrailingZeros(uint(o.RefcountBits))),
+	}
+	if o.LazyRefcounts {
+		h.compatible |= compatLazyRefcounts
+	}
+	hdr, err := h.encode()
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, total*cs)
+	copy(buf, hdr)
+	for i := range blocks {
+		binary.BigEndian.PutUint64(buf[cs+i*8:], uint64((1+tableClusters+i)*cs))
+	}
+	blockArea := buf[(1+tableClusters)*cs:]
+	for c := range total {
+		setRefcountEntry(blockArea, c, o.RefcountBits, 1)
+	}
+	if _, err := s.WriteAt(buf, 0); err != nil {
+		return err
+	}
+	if err := s.Sync(); err != nil {
+		return err
+	}
+	if o.Preallocation == PreallocMetadata {
+		img, err := openImage(s, OpenOptions{})
+		if err != nil {
+			return err
+		}
+		return img.preallocate()
+	}
+	return nil
+}
+
+// preallocate maps every guest cluster to a data cluster, laid out in guest
+// order, and extends the file over them (as a hole: nothing is written).
+func (img *Image) preallocate() error {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	clusters := (img.size + img.clusterSize - 1) / img.clusterSize
+	for first := int64(0); first < clusters; first += img.l2Entries {
+		n := min(img.l2Entries, clusters-first)
+		t, err := img.l2Table(first/img.l2Entries, true)
+		if err != nil {
+			return err
+		}
+		c, err := img.allocClusters(n)
+		if err != nil {
+			t.pins--
+			return err
+		}
+		for i := range n {
+			img.l2Set(t, i, img.dataEntry((c+i)*img.clusterSize))
+		}
+		t.pins--
+	}
+	if err := img.file.Truncate(img.highWater * img.clusterSize); err != nil {
+		return err
+	}
+	return img.writeback()
+}
