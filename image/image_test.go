@@ -140,7 +140,11 @@ func TestRandomOperationsMatchModelAcrossReopen(t *testing.T) {
 			model := make([]byte, c.size)
 			r := rand.New(rand.NewPCG(uint64(c.clusterSize), uint64(c.refcountBits)))
 			var log []string
-			for i := range 400 {
+			ops := 400
+			if raceEnabled {
+				ops = 200
+			}
+			for i := range ops {
 				op, _, _ := applyRandomOp(t, r, img, model, int64(c.clusterSize))
 				log = append(log, op)
 				if i%100 == 99 {
@@ -289,8 +293,8 @@ func TestConcurrentWritersToSharedClusters(t *testing.T) {
 // allowed) and hold everything written before the last completed flush.
 func TestCrashLeavesNoCorruption(t *testing.T) {
 	cuts := 300
-	if testing.Short() {
-		cuts = 50
+	if testing.Short() || raceEnabled {
+		cuts = 40
 	}
 	for _, cs := range []int{512, 65536} {
 		t.Run(fmt.Sprint(cs), func(t *testing.T) {
