@@ -39,9 +39,6 @@ const (
 
 	compatLazyRefcounts = 1 << 0
 
-	autoclearBitmaps = 1 << 0
-	autoclearRawData = 1 << 1
-
 	// incompatKnown are the incompatible bits this package can honour.
 	// Compression is known but only the zlib type is accepted.
 	incompatKnown = incompatDirty | incompatCorrupt | incompatCompression | incompatExtendedL2

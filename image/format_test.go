@@ -100,7 +100,7 @@ func TestUnknownExtensionSurvivesHeaderRewrite(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.extensions = append(h.extensions, extension{typ: 0x11223344, data: []byte("keep me")})
-	h.autoclear = autoclearBitmaps // a read-write open clears it: a header rewrite
+	h.autoclear = 1 // the bitmaps bit: a read-write open clears it, a header rewrite
 	hdr, err := h.encode()
 	if err != nil {
 		t.Fatal(err)

@@ -1,0 +1,94 @@
+# zq-csi. `make help` lists the targets.
+#
+# On a fresh Debian machine, as root: `make demo` and `make test` install
+# what they need (make deps) and run. Go must be on PATH or in /usr/local/go.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := build
+export PATH := $(PATH):/usr/local/go/bin
+
+GO ?= go
+BIN := bin/zq-csi
+
+# staticcheck v0.8.2 is release 2026.2.2, which supports Go 1.26.
+STATICCHECK_VERSION ?= v0.8.2
+STATICCHECK := $(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+
+# Each fuzz target runs this long in `make fuzz`.
+FUZZTIME ?= 15s
+
+# The VM tier (test/e2e, owned by the VM harness): the script and its
+# arguments. `make test` runs it when the script exists.
+E2E_SCRIPT ?= test/e2e/run-vm-tests.sh
+E2E_ARGS ?=
+
+# The interop tier's tests are named TestInterop*: `make unit` skips them
+# (it runs under the race detector), `make interop` runs only them.
+INTEROP_TESTS := ^TestInterop
+
+.PHONY: all build deps test vet unit interop e2e lint bench fuzz demo clean help
+
+all: build
+
+help:
+	@echo "make build    build $(BIN)"
+	@echo "make deps     install the Debian packages the tests need (only the missing ones; root)"
+	@echo "make demo     deps + build, then a short tour: create, write, verify, info, check"
+	@echo "make test     deps, go vet, unit tests (race), interop tests (qemu-img/qemu-io), VM tests"
+	@echo "make unit     unit and property tests, fuzz seeds, under the race detector"
+	@echo "make interop  the interop tier alone"
+	@echo "make e2e      the VM tier alone ($(E2E_SCRIPT) $(E2E_ARGS))"
+	@echo "make lint     gofmt, go vet, staticcheck $(STATICCHECK_VERSION)"
+	@echo "make bench    benchmarks, also written to bench.txt"
+	@echo "make fuzz     every fuzz target for FUZZTIME=$(FUZZTIME)"
+	@echo "make clean    remove build outputs"
+
+build:
+	$(GO) build -o $(BIN) ./cmd/zq-csi
+
+deps:
+	bash scripts/deps.sh
+
+test: deps vet unit interop e2e
+
+vet:
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -count=1 -skip '$(INTEROP_TESTS)' ./...
+
+interop:
+	$(GO) test -count=1 -run '$(INTEROP_TESTS)' ./...
+
+e2e:
+	@if [ -f "$(E2E_SCRIPT)" ]; then \
+		echo "bash $(E2E_SCRIPT) $(E2E_ARGS)"; \
+		bash "$(E2E_SCRIPT)" $(E2E_ARGS); \
+	else \
+		echo "e2e: $(E2E_SCRIPT) does not exist yet: VM tier skipped"; \
+	fi
+
+lint:
+	@unformatted=$$(gofmt -l .); \
+	if [ -n "$$unformatted" ]; then echo "gofmt -l: these files need gofmt -w:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+	$(STATICCHECK) ./...
+
+bench:
+	$(GO) test -run='^$$' -bench=. -benchmem ./... | tee bench.txt
+
+# go test -fuzz takes one target of one package at a time: list them all.
+fuzz:
+	@for pkg in $$($(GO) list ./...); do \
+		for target in $$($(GO) test -list '^Fuzz' "$$pkg" | grep '^Fuzz' || true); do \
+			echo "== $$pkg $$target ($(FUZZTIME))"; \
+			$(GO) test -run='^$$' -fuzz="^$$target\$$" -fuzztime=$(FUZZTIME) "$$pkg"; \
+		done; \
+	done
+
+demo: deps build
+	bash scripts/demo.sh $(BIN)
+
+clean:
+	rm -rf bin bench.txt

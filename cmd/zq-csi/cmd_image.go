@@ -1,0 +1,674 @@
+package main
+
+// zq-csi image: create, info and check, with qemu-img's syntax and output.
+//
+// `image check` exits with qemu-img check's codes:
+//
+//	0  the check completed and found no inconsistencies
+//	1  the check could not run: the image could not be opened or read
+//	2  the check completed and found corruptions
+//	3  the check completed and found only leaked clusters
+//
+// With --repair the code describes the image after the repair, as
+// qemu-img's does.
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/zq-csi/zq-csi/image"
+)
+
+// Exit codes of `image check` (qemu-img check's).
+const (
+	exitCheckClean   = 0
+	exitCheckError   = 1
+	exitCheckCorrupt = 2
+	exitCheckLeaks   = 3
+)
+
+var imageCommands = []subcommand{
+	{"create", "create a new image", runImageCreate},
+	{"info", "show the format and size of an image", runImageInfo},
+	{"check", "check (and repair) an image's metadata", runImageCheck},
+}
+
+func imageUsage(w io.Writer) {
+	fmt.Fprintf(w, "Usage: zq-csi image COMMAND [OPTIONS] FILE ...\n\nCommands:\n")
+	for _, c := range imageCommands {
+		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintf(w, "\nRun 'zq-csi image COMMAND -h' for the options of a command.\n")
+}
+
+func runImage(e *env, args []string) int {
+	if len(args) == 0 {
+		e.errorf("image: no command given")
+		imageUsage(e.stderr)
+		return exitUsage
+	}
+	switch args[0] {
+	case "-h", "-help", "--help", "help":
+		imageUsage(e.stdout)
+		return exitOK
+	}
+	for _, c := range imageCommands {
+		if c.name == args[0] {
+			e.prog = "zq-csi image " + c.name
+			return c.run(e, args[1:])
+		}
+	}
+	e.errorf("image: unknown command %q", args[0])
+	imageUsage(e.stderr)
+	return exitUsage
+}
+
+// checkFormat refuses any image format but qcow2.
+func checkFormat(f string) error {
+	if f != "qcow2" {
+		return usagef("unsupported format %q: only qcow2 is supported", f)
+	}
+	return nil
+}
+
+// ---- create ----------------------------------------------------------
+
+// createSpec collects the creation parameters from -o and the operands.
+type createSpec struct {
+	opts image.CreateOptions
+	// given records which options were set explicitly, for the
+	// "Formatting" line (qemu-img shows some only when given).
+	given map[string]bool
+}
+
+// createOption is one key of `image create -o`. The table below is the
+// only place that knows the keys: to add one (the zone.* keys), add an
+// entry with its parser and how it shows in the "Formatting" line.
+type createOption struct {
+	key  string
+	help string
+	// set parses the value into the spec.
+	set func(s *createSpec, v string) error
+	// show returns the value printed in the "Formatting" line, in table
+	// order; ok false leaves the key out.
+	show func(s *createSpec) (v string, ok bool)
+}
+
+// createOptions is in the order qemu-img prints the "Formatting" line.
+var createOptions = []createOption{
+	{
+		key:  "cluster_size",
+		help: "qcow2 cluster size, a power of two from 512 to 2M (default 64k)",
+		set: func(s *createSpec, v string) error {
+			n, err := ParseSize(v)
+			if err != nil {
+				return err
+			}
+			if n <= 0 || n > image.MaxClusterSize {
+				return fmt.Errorf("cluster size %d out of range: must be a power of two from %d to %d", n, image.MinClusterSize, image.MaxClusterSize)
+			}
+			s.opts.ClusterSize = int(n)
+			return nil
+		},
+		show: func(s *createSpec) (string, bool) {
+			return fmt.Sprint(orDefault(s.opts.ClusterSize, image.DefaultClusterSize)), true
+		},
+	},
+	{
+		key:  "extended_l2",
+		help: "extended L2 entries (subclusters): only off is supported for new images",
+		set: func(s *createSpec, v string) error {
+			on, err := ParseBool(v)
+			if err != nil {
+				return err
+			}
+			if on {
+				return fmt.Errorf("extended_l2=on is not supported for new images")
+			}
+			return nil
+		},
+		show: func(*createSpec) (string, bool) { return "off", true },
+	},
+	{
+		key:  "preallocation",
+		help: "off or metadata (allocate the L2 tables and mark every cluster zero)",
+		set: func(s *createSpec, v string) error {
+			switch v {
+			case image.PreallocOff, image.PreallocMetadata:
+				s.opts.Preallocation = v
+				return nil
+			case "falloc", "full":
+				return fmt.Errorf("preallocation=%s is not supported (use off or metadata)", v)
+			}
+			return fmt.Errorf("invalid preallocation %q (use off or metadata)", v)
+		},
+		show: func(s *createSpec) (string, bool) {
+			return s.opts.Preallocation, s.given["preallocation"]
+		},
+	},
+	{
+		key:  "compression_type",
+		help: "compression type of compressed clusters: only zlib",
+		set: func(s *createSpec, v string) error {
+			if v != "zlib" {
+				return fmt.Errorf("compression_type=%s is not supported (only zlib)", v)
+			}
+			return nil
+		},
+		show: func(*createSpec) (string, bool) { return "zlib", true },
+	},
+	{
+		key:  "size",
+		help: "virtual disk size (the SIZE operand takes precedence)",
+		set: func(s *createSpec, v string) error {
+			n, err := ParseSize(v)
+			if err != nil {
+				return err
+			}
+			s.opts.Size = n
+			return nil
+		},
+		show: func(s *createSpec) (string, bool) { return fmt.Sprint(s.opts.Size), true },
+	},
+	{
+		key:  "lazy_refcounts",
+		help: "on or off: defer refcount updates (the image is marked dirty while open)",
+		set: func(s *createSpec, v string) error {
+			on, err := ParseBool(v)
+			s.opts.LazyRefcounts = on
+			return err
+		},
+		show: func(s *createSpec) (string, bool) { return onOff(s.opts.LazyRefcounts), true },
+	},
+	{
+		key:  "refcount_bits",
+		help: "width of a refcount: 1, 2, 4, 8, 16, 32 or 64 (default 16)",
+		set: func(s *createSpec, v string) error {
+			n, err := ParseSize(v)
+			if err != nil || n > 64 {
+				return fmt.Errorf("invalid refcount_bits %q: use 1, 2, 4, 8, 16, 32 or 64", v)
+			}
+			s.opts.RefcountBits = int(n)
+			return nil
+		},
+		show: func(s *createSpec) (string, bool) {
+			return fmt.Sprint(orDefault(s.opts.RefcountBits, image.DefaultRefcountBits)), true
+		},
+	},
+	{
+		key:  "compat",
+		help: "qcow2 version: 1.1 (v3) only",
+		set: func(s *createSpec, v string) error {
+			if v != "1.1" && v != "v3" {
+				return fmt.Errorf("compat=%s is not supported (only 1.1)", v)
+			}
+			return nil
+		},
+		show: func(s *createSpec) (string, bool) { return "1.1", s.given["compat"] },
+	},
+	// zone.mode, zone.size, zone.capacity, zone.conventional_zones,
+	// zone.max_open_zones, zone.max_active_zones and zone.max_append_bytes
+	// go here when image.CreateOptions has the zoned fields.
+}
+
+// unsupportedCreateOptions are qemu-img qcow2 options that zq-csi knows
+// but refuses, with a clearer message than "unknown option".
+var unsupportedCreateOptions = map[string]string{
+	"backing_file":   "backing files are not supported",
+	"backing_fmt":    "backing files are not supported",
+	"data_file":      "external data files are not supported",
+	"data_file_raw":  "external data files are not supported",
+	"encrypt":        "encryption is not supported",
+	"encryption":     "encryption is not supported",
+	"encrypt.format": "encryption is not supported",
+}
+
+func orDefault(v, def int) int {
+	if v == 0 {
+		return def
+	}
+	return v
+}
+
+func onOff(b bool) string {
+	if b {
+		return "on"
+	}
+	return "off"
+}
+
+// applyCreateOptions parses the -o lists into spec. Later values of a key
+// override earlier ones, as in qemu-img.
+func applyCreateOptions(spec *createSpec, lists []string) (help bool, err error) {
+	if spec.given == nil {
+		spec.given = map[string]bool{}
+	}
+	for _, l := range lists {
+		kvs, err := ParseOptList(l)
+		if err != nil {
+			return false, err
+		}
+		for _, kv := range kvs {
+			k, v := kv[0], kv[1]
+			if k == "help" || k == "?" {
+				help = true
+				continue
+			}
+			opt := findCreateOption(k)
+			if opt == nil {
+				if why, ok := unsupportedCreateOptions[k]; ok {
+					return false, fmt.Errorf("option %q is not supported: %s", k, why)
+				}
+				return false, fmt.Errorf("unknown option %q", k)
+			}
+			if err := opt.set(spec, v); err != nil {
+				return false, fmt.Errorf("option %s: %w", k, err)
+			}
+			spec.given[k] = true
+		}
+	}
+	return help, nil
+}
+
+func findCreateOption(key string) *createOption {
+	for i := range createOptions {
+		if createOptions[i].key == key {
+			return &createOptions[i]
+		}
+	}
+	return nil
+}
+
+// formattingLine is qemu-img create's first line of output.
+func formattingLine(file string, spec *createSpec) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "Formatting '%s', fmt=qcow2", file)
+	for i := range createOptions {
+		if v, ok := createOptions[i].show(spec); ok {
+			fmt.Fprintf(&b, " %s=%s", createOptions[i].key, v)
+		}
+	}
+	return b.String()
+}
+
+func createUsage(w io.Writer) {
+	fmt.Fprintf(w, `Usage: zq-csi image create [-q] [-f qcow2] [-o OPTIONS]... FILE [SIZE]
+
+Create a qcow2 image of SIZE bytes. SIZE takes a unit: k, M, G, T, P, E
+(powers of 1024, case-insensitive), or the forms 64KiB, 64MiB and 64Mi. A
+fraction needs a unit (1.5G). FILE must not exist.
+
+-o takes a comma-separated list KEY=VALUE[,KEY=VALUE...] and may repeat;
+',,' is a literal comma; -o help lists the keys:
+`)
+	listCreateOptions(w)
+}
+
+func listCreateOptions(w io.Writer) {
+	for _, o := range createOptions {
+		fmt.Fprintf(w, "  %-18s %s\n", o.key, o.help)
+	}
+}
+
+func runImageCreate(e *env, args []string) int {
+	fs := newFlagSet(e.prog)
+	format := fs.String("f", "qcow2", "image format (only qcow2)")
+	quiet := fs.Bool("q", false, "print nothing on success")
+	var olists listFlag
+	fs.Var(&olists, "o", "options KEY=VALUE[,KEY=VALUE...]")
+	operands, err := parseInterspersed(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		createUsage(e.stdout)
+		return exitOK
+	}
+	if err != nil {
+		return e.fail(err, createUsage)
+	}
+	if err := checkFormat(*format); err != nil {
+		return e.fail(err, createUsage)
+	}
+	spec := &createSpec{}
+	help, err := applyCreateOptions(spec, olists)
+	if err != nil {
+		return e.fail(usagef("%v", err), nil)
+	}
+	if help {
+		fmt.Fprintf(e.stdout, "Supported options:\n")
+		listCreateOptions(e.stdout)
+		return exitOK
+	}
+	switch {
+	case len(operands) == 0:
+		return e.fail(usagef("missing FILE"), createUsage)
+	case len(operands) > 2:
+		return e.fail(usagef("too many operands: %q", operands[2:]), createUsage)
+	case len(operands) == 2:
+		n, err := ParseSize(operands[1])
+		if err != nil {
+			return e.fail(usagef("%v", err), createUsage)
+		}
+		spec.opts.Size = n
+	case !spec.given["size"]:
+		return e.fail(usagef("missing SIZE"), createUsage)
+	}
+	file := operands[0]
+	if !*quiet {
+		fmt.Fprintln(e.stdout, formattingLine(file, spec))
+	}
+	if err := image.Create(file, spec.opts); err != nil {
+		return e.fail(err, nil)
+	}
+	return exitOK
+}
+
+// ---- info ------------------------------------------------------------
+
+func infoUsage(w io.Writer) {
+	fmt.Fprintf(w, `Usage: zq-csi image info [-f qcow2] [--output=human|json] FILE
+
+Show the format, sizes and qcow2 features of FILE, as qemu-img info does.
+The image is opened read-only.
+`)
+}
+
+// infoJSON is `image info --output=json`: image.Info's fields (qemu-img's
+// key names) plus qemu-img's "format-specific" object.
+type infoJSON struct {
+	image.Info
+	FormatSpecific struct {
+		Type string          `json:"type"`
+		Data qcow2InfoFields `json:"data"`
+	} `json:"format-specific"`
+}
+
+type qcow2InfoFields struct {
+	Compat          string `json:"compat"`
+	CompressionType string `json:"compression-type,omitempty"`
+	LazyRefcounts   bool   `json:"lazy-refcounts"`
+	RefcountBits    int    `json:"refcount-bits"`
+	Corrupt         bool   `json:"corrupt"`
+	ExtendedL2      bool   `json:"extended-l2"`
+}
+
+func compatString(version int) string {
+	if version == 2 {
+		return "0.10"
+	}
+	return "1.1"
+}
+
+func runImageInfo(e *env, args []string) int {
+	fs := newFlagSet(e.prog)
+	format := fs.String("f", "qcow2", "image format (only qcow2)")
+	output := &choiceFlag{val: "human", choices: []string{"human", "json"}}
+	fs.Var(output, "output", "human or json")
+	operands, err := parseInterspersed(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		infoUsage(e.stdout)
+		return exitOK
+	}
+	if err == nil {
+		err = checkFormat(*format)
+	}
+	if err == nil && len(operands) != 1 {
+		err = usagef("expected one FILE, got %d operands", len(operands))
+	}
+	if err != nil {
+		return e.fail(err, infoUsage)
+	}
+	file := operands[0]
+	img, err := image.Open(file, image.OpenOptions{ReadOnly: true})
+	if err != nil {
+		return e.fail(err, nil)
+	}
+	defer img.Close()
+	info := img.Info()
+	info.Filename = file
+	if info.Format == "" {
+		info.Format = "qcow2"
+	}
+	if info.ActualSize == 0 {
+		info.ActualSize = diskUsage(file)
+	}
+	if output.val == "json" {
+		var j infoJSON
+		j.Info = info
+		j.FormatSpecific.Type = info.Format
+		j.FormatSpecific.Data = qcow2InfoFields{
+			Compat:          compatString(info.Version),
+			CompressionType: info.CompressionType,
+			LazyRefcounts:   info.LazyRefcounts,
+			RefcountBits:    info.RefcountBits,
+			Corrupt:         info.Corrupt,
+			ExtendedL2:      info.ExtendedL2,
+		}
+		return writeJSON(e, j)
+	}
+	w := e.stdout
+	fmt.Fprintf(w, "image: %s\n", file)
+	fmt.Fprintf(w, "file format: %s\n", info.Format)
+	fmt.Fprintf(w, "virtual size: %s (%d bytes)\n", sizeToStr(info.VirtualSize), info.VirtualSize)
+	fmt.Fprintf(w, "disk size: %s\n", sizeToStr(info.ActualSize))
+	fmt.Fprintf(w, "cluster_size: %d\n", info.ClusterSize)
+	fmt.Fprintf(w, "Format specific information:\n")
+	fmt.Fprintf(w, "    compat: %s\n", compatString(info.Version))
+	if info.Version >= 3 {
+		if info.CompressionType != "" {
+			fmt.Fprintf(w, "    compression type: %s\n", info.CompressionType)
+		}
+		fmt.Fprintf(w, "    lazy refcounts: %t\n", info.LazyRefcounts)
+		fmt.Fprintf(w, "    refcount bits: %d\n", info.RefcountBits)
+		fmt.Fprintf(w, "    corrupt: %t\n", info.Corrupt)
+		fmt.Fprintf(w, "    extended l2: %t\n", info.ExtendedL2)
+	}
+	if info.Dirty {
+		// qemu-img shows the dirty flag in JSON only; people need it too.
+		fmt.Fprintf(w, "    dirty: true\n")
+	}
+	return exitOK
+}
+
+// diskUsage is the space the file takes on its file system, as qemu-img's
+// "disk size", when the image package does not report it.
+func diskUsage(file string) int64 {
+	st, err := os.Stat(file)
+	if err != nil {
+		return 0
+	}
+	if n, ok := allocatedBytes(st); ok {
+		return n
+	}
+	return st.Size()
+}
+
+func writeJSON(e *env, v any) int {
+	b, err := json.MarshalIndent(v, "", "    ")
+	if err != nil {
+		return e.fail(err, nil)
+	}
+	fmt.Fprintf(e.stdout, "%s\n", b)
+	return exitOK
+}
+
+// ---- check -----------------------------------------------------------
+
+func checkUsage(w io.Writer) {
+	fmt.Fprintf(w, `Usage: zq-csi image check [-f qcow2] [--repair | -r leaks|all] [--output=human|json] FILE
+
+Check the qcow2 metadata of FILE: refcounts against references, table
+bounds and alignment, overlaps. --repair (or qemu-img's -r) rewrites the
+refcounts, then checks the image again.
+
+Exit status (qemu-img check's):
+  0  no inconsistencies found
+  1  the check could not run (the image could not be opened or read)
+  2  corruptions found
+  3  only leaked clusters found
+With --repair the status describes the image after the repair.
+`)
+}
+
+// checkJSON is qemu-img check's JSON object, plus the problems found.
+type checkJSON struct {
+	Filename          string   `json:"filename"`
+	Format            string   `json:"format"`
+	CheckErrors       int      `json:"check-errors"`
+	ImageEndOffset    int64    `json:"image-end-offset,omitempty"`
+	TotalClusters     int64    `json:"total-clusters,omitempty"`
+	AllocatedClusters int64    `json:"allocated-clusters,omitempty"`
+	Corruptions       int64    `json:"corruptions,omitempty"`
+	Leaks             int64    `json:"leaks,omitempty"`
+	CorruptionsFixed  int64    `json:"corruptions-fixed,omitempty"`
+	LeaksFixed        int64    `json:"leaks-fixed,omitempty"`
+	Problems          []string `json:"problems,omitempty"`
+}
+
+func leakCount(r *image.CheckResult) int64 {
+	if r.LeakedClusters == 0 && len(r.Leaks) > 0 {
+		return int64(len(r.Leaks))
+	}
+	return r.LeakedClusters
+}
+
+// checkExitCode maps a check result to qemu-img check's exit codes.
+func checkExitCode(r *image.CheckResult) int {
+	switch {
+	case len(r.Corruptions) > 0:
+		return exitCheckCorrupt
+	case len(r.Leaks) > 0 || r.LeakedClusters > 0:
+		return exitCheckLeaks
+	}
+	return exitCheckClean
+}
+
+func runImageCheck(e *env, args []string) int {
+	fs := newFlagSet(e.prog)
+	format := fs.String("f", "qcow2", "image format (only qcow2)")
+	repair := fs.Bool("repair", false, "repair the refcounts")
+	repairMode := &choiceFlag{choices: []string{"leaks", "all"}}
+	fs.Var(repairMode, "r", "repair: leaks or all (both rebuild the refcounts)")
+	output := &choiceFlag{val: "human", choices: []string{"human", "json"}}
+	fs.Var(output, "output", "human or json")
+	operands, err := parseInterspersed(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		checkUsage(e.stdout)
+		return exitOK
+	}
+	if err == nil {
+		err = checkFormat(*format)
+	}
+	if err == nil && len(operands) != 1 {
+		err = usagef("expected one FILE, got %d operands", len(operands))
+	}
+	if err != nil {
+		return e.fail(err, checkUsage)
+	}
+	file := operands[0]
+	doRepair := *repair || repairMode.val != ""
+	img, err := image.Open(file, image.OpenOptions{ReadOnly: !doRepair})
+	if err != nil {
+		e.fail(err, nil)
+		return exitCheckError
+	}
+	defer img.Close()
+
+	// Check first without repairing, to report what was found; then, if
+	// asked and needed, repair (Check(true) describes the image after the
+	// repair, qemu-img's "double check").
+	first, err := img.Check(false)
+	if err != nil {
+		e.fail(err, nil)
+		return exitCheckError
+	}
+	final := first
+	fixedLeaks, fixedCorruptions := int64(0), int64(0)
+	w := e.stdout
+	human := output.val == "human"
+	if human {
+		printProblems(w, first)
+	}
+	if doRepair && !first.Clean() {
+		final, err = img.Check(true)
+		if err != nil {
+			e.fail(err, nil)
+			return exitCheckError
+		}
+		fixedLeaks = max(0, leakCount(first)-leakCount(final))
+		fixedCorruptions = max(0, int64(len(first.Corruptions)-len(final.Corruptions)))
+		if human {
+			fmt.Fprintf(w, "The following inconsistencies were found and repaired:\n\n")
+			fmt.Fprintf(w, "    %d leaked clusters\n    %d corruptions\n\n", fixedLeaks, fixedCorruptions)
+			fmt.Fprintf(w, "Double checking the fixed image now...\n")
+			printProblems(w, final)
+		}
+	}
+	if err := img.Close(); err != nil {
+		e.fail(err, nil)
+		return exitCheckError
+	}
+	code := checkExitCode(final)
+	if !human {
+		j := checkJSON{
+			Filename:          file,
+			Format:            "qcow2",
+			ImageEndOffset:    final.ImageEndOffset,
+			TotalClusters:     final.TotalClusters,
+			AllocatedClusters: final.AllocatedClusters,
+			Corruptions:       int64(len(final.Corruptions)),
+			Leaks:             leakCount(final),
+			CorruptionsFixed:  fixedCorruptions,
+			LeaksFixed:        fixedLeaks,
+			Problems:          append(append([]string(nil), first.Corruptions...), first.Leaks...),
+		}
+		if rc := writeJSON(e, j); rc != exitOK {
+			return exitCheckError
+		}
+		return code
+	}
+	printCheckSummary(w, final)
+	return code
+}
+
+// printProblems lists what a check found, one line each.
+func printProblems(w io.Writer, r *image.CheckResult) {
+	for _, p := range r.Corruptions {
+		if !strings.HasPrefix(p, "ERROR") {
+			p = "ERROR " + p
+		}
+		fmt.Fprintln(w, p)
+	}
+	for _, p := range r.Leaks {
+		fmt.Fprintln(w, p)
+	}
+}
+
+// printCheckSummary is qemu-img check's summary (dump_human_image_check).
+func printCheckSummary(w io.Writer, r *image.CheckResult) {
+	if r.Clean() {
+		fmt.Fprintf(w, "No errors were found on the image.\n")
+	} else {
+		if n := len(r.Corruptions); n > 0 {
+			fmt.Fprintf(w, "\n%d errors were found on the image.\n"+
+				"Data may be corrupted, or further writes to the image may corrupt it.\n", n)
+		}
+		if n := leakCount(r); n > 0 {
+			fmt.Fprintf(w, "\n%d leaked clusters were found on the image.\n"+
+				"This means waste of disk space, but no harm to data.\n", n)
+		}
+	}
+	if r.TotalClusters != 0 && r.AllocatedClusters != 0 {
+		// qemu-img goes on with the fragmented and compressed shares,
+		// which image.CheckResult does not count.
+		fmt.Fprintf(w, "%d/%d = %0.2f%% allocated clusters\n",
+			r.AllocatedClusters, r.TotalClusters,
+			float64(r.AllocatedClusters)*100/float64(r.TotalClusters))
+	}
+	if r.ImageEndOffset != 0 {
+		fmt.Fprintf(w, "Image end offset: %d\n", r.ImageEndOffset)
+	}
+}

@@ -1,0 +1,490 @@
+package main
+
+// zq-csi io: qemu-io's commands and output on one open image. One
+// process is one device session: the image is opened once, every -c
+// command runs against it in order, and it is closed at the end. Like
+// qemu-io, a failed command does not stop the next ones, but the process
+// then exits 1.
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/zq-csi/zq-csi/image"
+)
+
+// maxIOBytes is qemu-io's limit for one read or write with a data buffer
+// (BDRV_REQUEST_MAX_BYTES).
+const maxIOBytes = 2147483136
+
+// ioChunk bounds the buffer of one read or write: longer requests are
+// split, so memory stays small whatever the length.
+const ioChunk = 4 << 20
+
+// defaultWritePattern is what `write` writes without -P, as in qemu-io.
+const defaultWritePattern = 0xcd
+
+// ioSession is one open image and where the commands print.
+type ioSession struct {
+	img  *image.Image
+	out  io.Writer // command output (stdout)
+	errw io.Writer // error messages (stderr)
+	quit bool
+}
+
+// ioCommand is one qemu-io command.
+type ioCommand struct {
+	name     string
+	alias    string
+	opts     string // getopt letters, ':' after a letter taking an argument
+	synopsis string
+	minArgs  int
+	maxArgs  int
+	help     string
+	run      func(s *ioSession, opts []opt, operands []string) error
+}
+
+// ioCommands is the command table. Zone commands (zone_report/zrp,
+// zone_open/zo, zone_close/zc, zone_finish/zf, zone_reset/zrs,
+// zone_append/zap) go here, with their run functions in cmd_io_zone.go.
+var ioCommands []*ioCommand
+
+func init() {
+	ioCommands = []*ioCommand{
+		{name: "read", alias: "r", opts: "P:s:l:qv", synopsis: "[-qv] [-P pattern [-s off] [-l len]] off len",
+			minArgs: 2, maxArgs: 2, run: ioRead,
+			help: "read len bytes at off; -P verifies that every byte equals pattern (or the -s/-l part of the range), -v dumps the data, -q prints no summary"},
+		{name: "write", alias: "w", opts: "P:zufq", synopsis: "[-fqu] [-P pattern | -z] off len",
+			minArgs: 2, maxArgs: 2, run: ioWrite,
+			help: "write len bytes at off filled with pattern (default 0xcd); -z writes zeroes, -u with -z may unmap, -f flushes after the write (FUA), -q prints no summary"},
+		{name: "discard", alias: "d", opts: "q", synopsis: "[-q] off len",
+			minArgs: 2, maxArgs: 2, run: ioDiscard,
+			help: "discard len bytes at off: they read as zeroes and their clusters are freed"},
+		{name: "flush", alias: "f", synopsis: "", run: ioFlush,
+			help: "write data, metadata and refcounts to stable storage"},
+		{name: "map", synopsis: "", run: ioMap,
+			help: "list the allocated and unallocated ranges of the disk"},
+		{name: "length", alias: "l", synopsis: "", run: ioLength,
+			help: "print the virtual size"},
+		{name: "help", alias: "?", synopsis: "[command]", maxArgs: 1, run: ioHelp,
+			help: "list the commands, or explain one"},
+		{name: "quit", alias: "q", synopsis: "", run: func(s *ioSession, _ []opt, _ []string) error { s.quit = true; return nil },
+			help: "stop reading commands"},
+	}
+}
+
+func findIOCommand(name string) *ioCommand {
+	for _, c := range ioCommands {
+		if c.name == name || (c.alias != "" && c.alias == name) {
+			return c
+		}
+	}
+	return nil
+}
+
+// errReported: the command already printed why it failed.
+var errReported = errors.New("command failed")
+
+// ioUsageError: wrong options or operands for a command.
+type ioUsageError struct{ msg string }
+
+func (e *ioUsageError) Error() string { return e.msg }
+
+// execute parses and runs one command line. It returns false when the
+// command failed.
+func (s *ioSession) execute(line string) bool {
+	words := SplitCommandLine(line)
+	if len(words) == 0 {
+		return true
+	}
+	c := findIOCommand(words[0])
+	if c == nil {
+		fmt.Fprintf(s.errw, "zq-csi: command %q not found\n", words[0])
+		return false
+	}
+	opts, operands, err := getopt(words[1:], c.opts)
+	if err == nil && (len(operands) < c.minArgs || len(operands) > c.maxArgs) {
+		want := fmt.Sprint(c.minArgs)
+		if c.maxArgs != c.minArgs {
+			want = fmt.Sprintf("%d to %d", c.minArgs, c.maxArgs)
+		}
+		err = &ioUsageError{fmt.Sprintf("bad argument count %d, expected %s", len(operands), want)}
+	}
+	if err == nil {
+		err = c.run(s, opts, operands)
+	}
+	if err == nil {
+		return true
+	}
+	var ue *ioUsageError
+	switch {
+	case errors.Is(err, errReported):
+	case errors.As(err, &ue):
+		fmt.Fprintf(s.errw, "zq-csi: %s: %v\nusage: %s %s\n", c.name, err, c.name, c.synopsis)
+	default:
+		fmt.Fprintf(s.errw, "zq-csi: %v\n", err)
+	}
+	return false
+}
+
+// parseOffLen parses the "off len" operands.
+func parseOffLen(operands []string) (off, length int64, err error) {
+	off, err = ParseSize(operands[0])
+	if err != nil {
+		return 0, 0, &ioUsageError{fmt.Sprintf("offset: %v", err)}
+	}
+	length, err = ParseSize(operands[1])
+	if err != nil {
+		return 0, 0, &ioUsageError{fmt.Sprintf("length: %v", err)}
+	}
+	return off, length, nil
+}
+
+func ioRead(s *ioSession, opts []opt, operands []string) error {
+	var (
+		pattern             byte
+		patternSet, verbose bool
+		quiet               bool
+		pOff, pLen          int64 = 0, -1
+		pOffSet             bool
+	)
+	for _, o := range opts {
+		var err error
+		switch o.name {
+		case 'P':
+			patternSet = true
+			pattern, err = ParsePattern(o.arg)
+		case 's':
+			pOffSet = true
+			pOff, err = ParseSize(o.arg)
+		case 'l':
+			pLen, err = ParseSize(o.arg)
+		case 'q':
+			quiet = true
+		case 'v':
+			verbose = true
+		}
+		if err != nil {
+			return &ioUsageError{err.Error()}
+		}
+	}
+	off, length, err := parseOffLen(operands)
+	if err != nil {
+		return err
+	}
+	if length > maxIOBytes {
+		return &ioUsageError{fmt.Sprintf("length cannot exceed %d, given %s", maxIOBytes, operands[1])}
+	}
+	if (pOffSet || pLen >= 0) && !patternSet {
+		return &ioUsageError{"-s and -l need -P"}
+	}
+	if pOff > length {
+		return &ioUsageError{"pattern verification range exceeds end of read data"}
+	}
+	if pLen < 0 {
+		pLen = length - pOff
+	}
+	if pLen > length-pOff {
+		return &ioUsageError{"pattern verification range exceeds end of read data"}
+	}
+	// The verified range, in disk offsets.
+	vStart, vEnd := off+pOff, off+pOff+pLen
+
+	buf := make([]byte, min(length, ioChunk))
+	var elapsed time.Duration
+	mismatch := false
+	for done := int64(0); done < length; {
+		n := min(length-done, int64(len(buf)))
+		p := buf[:n]
+		start := time.Now()
+		got, err := s.img.ReadAt(p, off+done)
+		elapsed += time.Since(start)
+		if err == nil && int64(got) != n {
+			err = io.ErrUnexpectedEOF
+		}
+		if err != nil {
+			return fmt.Errorf("read failed: %w", err)
+		}
+		if patternSet && !mismatch {
+			lo, hi := max(vStart, off+done), min(vEnd, off+done+n)
+			if lo < hi {
+				for _, b := range p[lo-off-done : hi-off-done] {
+					if b != pattern {
+						mismatch = true
+						break
+					}
+				}
+			}
+		}
+		if verbose {
+			dumpBuffer(s.out, p, off+done)
+		}
+		done += n
+	}
+	if mismatch {
+		fmt.Fprintf(s.out, "Pattern verification failed at offset %d, %d bytes\n", vStart, pLen)
+	}
+	if !quiet {
+		printReport(s.out, "read", elapsed, off, length, length, 1)
+	}
+	if mismatch {
+		return errReported
+	}
+	return nil
+}
+
+func ioWrite(s *ioSession, opts []opt, operands []string) error {
+	pattern := byte(defaultWritePattern)
+	var patternSet, zero, unmap, fua, quiet bool
+	for _, o := range opts {
+		switch o.name {
+		case 'P':
+			p, err := ParsePattern(o.arg)
+			if err != nil {
+				return &ioUsageError{err.Error()}
+			}
+			pattern, patternSet = p, true
+		case 'z':
+			zero = true
+		case 'u':
+			unmap = true
+		case 'f':
+			fua = true
+		case 'q':
+			quiet = true
+		}
+	}
+	if zero && patternSet {
+		return &ioUsageError{"-z and -P cannot be specified at the same time"}
+	}
+	if unmap && !zero {
+		return &ioUsageError{"-u requires -z to be specified"}
+	}
+	off, length, err := parseOffLen(operands)
+	if err != nil {
+		return err
+	}
+	if !zero && length > maxIOBytes {
+		return &ioUsageError{fmt.Sprintf("length cannot exceed %d, given %s", maxIOBytes, operands[1])}
+	}
+	start := time.Now()
+	if zero {
+		err = s.img.WriteZeroes(off, length, unmap)
+	} else {
+		buf := bytes.Repeat([]byte{pattern}, int(min(length, ioChunk)))
+		for done := int64(0); done < length && err == nil; {
+			n := min(length-done, int64(len(buf)))
+			var got int
+			got, err = s.img.WriteAt(buf[:n], off+done)
+			if err == nil && int64(got) != n {
+				err = io.ErrShortWrite
+			}
+			done += n
+		}
+	}
+	if err == nil && fua {
+		err = s.img.Flush()
+	}
+	elapsed := time.Since(start)
+	if err != nil {
+		return fmt.Errorf("write failed: %w", err)
+	}
+	if !quiet {
+		printReport(s.out, "wrote", elapsed, off, length, length, 1)
+	}
+	return nil
+}
+
+func ioDiscard(s *ioSession, opts []opt, operands []string) error {
+	quiet := len(opts) > 0 // only -q exists
+	off, length, err := parseOffLen(operands)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	if err := s.img.Discard(off, length); err != nil {
+		return fmt.Errorf("discard failed: %w", err)
+	}
+	if !quiet {
+		printReport(s.out, "discard", time.Since(start), off, length, length, 1)
+	}
+	return nil
+}
+
+func ioFlush(s *ioSession, _ []opt, _ []string) error {
+	if err := s.img.Flush(); err != nil {
+		return fmt.Errorf("flush failed: %w", err)
+	}
+	return nil
+}
+
+// ioMap prints qemu-io's map: runs of the disk backed by data clusters
+// ("allocated") or not. Zero clusters count as not allocated.
+func ioMap(s *ioSession, _ []opt, _ []string) error {
+	size := s.img.Size()
+	exts, err := s.img.Map(0, size)
+	if err != nil {
+		return fmt.Errorf("map failed: %w", err)
+	}
+	type run struct {
+		off, n int64
+		data   bool
+	}
+	var runs []run
+	for _, e := range exts {
+		if k := len(runs) - 1; k >= 0 && runs[k].data == e.Data && runs[k].off+runs[k].n == e.Offset {
+			runs[k].n += e.Length
+			continue
+		}
+		runs = append(runs, run{e.Offset, e.Length, e.Data})
+	}
+	for _, r := range runs {
+		state := "not"
+		if r.data {
+			state = "   "
+		}
+		fmt.Fprintf(s.out, "%s (0x%x) bytes %s allocated at offset %s (0x%x)\n",
+			cvtstr(float64(r.n)), r.n, state, cvtstr(float64(r.off)), r.off)
+	}
+	return nil
+}
+
+func ioLength(s *ioSession, _ []opt, _ []string) error {
+	fmt.Fprintln(s.out, cvtstr(float64(s.img.Size())))
+	return nil
+}
+
+func ioHelp(s *ioSession, _ []opt, operands []string) error {
+	if len(operands) == 1 {
+		c := findIOCommand(operands[0])
+		if c == nil {
+			return fmt.Errorf("command %q not found", operands[0])
+		}
+		fmt.Fprintf(s.out, "%s %s -- %s\n", c.name, c.synopsis, c.help)
+		return nil
+	}
+	ioCommandList(s.out)
+	return nil
+}
+
+func ioCommandList(w io.Writer) {
+	for _, c := range ioCommands {
+		name := c.name
+		if c.alias != "" {
+			name += " (or " + c.alias + ")"
+		}
+		fmt.Fprintf(w, "  %s %s\n      %s\n", name, c.synopsis, c.help)
+	}
+}
+
+func ioUsage(w io.Writer) {
+	fmt.Fprintf(w, `Usage: zq-csi io [-r] [-f qcow2] [-c COMMAND]... FILE
+
+Open FILE once and run each -c COMMAND on it in order, with qemu-io's
+syntax and output. Without -c, read the commands from standard input, one a
+line. A failed command does not stop the next ones; the exit status is
+then 1.
+
+  -r   open the image read-only
+  -c   a command line, e.g. -c 'write -P 0xab 0 64k' -c 'read -P 0xab 0 64k'
+
+Numbers (off, len) are bytes: decimal, 0x hexadecimal, or with a unit k, M,
+G, T, P, E (powers of 1024): 4k, 1.5M, 64MiB, 64Mi. Patterns are one byte:
+0xab, 171 or 0253.
+
+Commands:
+`)
+	ioCommandList(w)
+}
+
+func runIO(e *env, args []string) int {
+	fs := newFlagSet(e.prog)
+	readOnly := fs.Bool("r", false, "open read-only")
+	format := fs.String("f", "qcow2", "image format (only qcow2)")
+	var cmds listFlag
+	fs.Var(&cmds, "c", "command to run")
+	operands, err := parseInterspersed(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		ioUsage(e.stdout)
+		return exitOK
+	}
+	if err == nil {
+		err = checkFormat(*format)
+	}
+	if err == nil && len(operands) != 1 {
+		err = usagef("expected one FILE, got %d operands", len(operands))
+	}
+	if err != nil {
+		return e.fail(err, ioUsage)
+	}
+	for _, c := range cmds {
+		if w := SplitCommandLine(c); len(w) > 0 && findIOCommand(w[0]) == nil {
+			return e.fail(usagef("command %q not found (zq-csi io -h lists them)", w[0]), nil)
+		}
+	}
+	img, err := image.Open(operands[0], image.OpenOptions{ReadOnly: *readOnly})
+	if err != nil {
+		return e.fail(err, nil)
+	}
+	s := &ioSession{img: img, out: e.stdout, errw: e.stderr}
+	ok := true
+	if len(cmds) > 0 {
+		for _, c := range cmds {
+			ok = s.execute(c) && ok
+			if s.quit {
+				break
+			}
+		}
+	} else {
+		ok = s.runScript(e.stdin) && ok
+	}
+	if err := img.Close(); err != nil {
+		e.fail(err, nil)
+		return exitFailure
+	}
+	if !ok {
+		return exitFailure
+	}
+	return exitOK
+}
+
+// runScript runs commands from r, one a line; blank lines and lines
+// starting with '#' are skipped. A prompt is shown on a terminal.
+func (s *ioSession) runScript(r io.Reader) bool {
+	prompt := false
+	if f, ok := r.(*os.File); ok {
+		if st, err := f.Stat(); err == nil && st.Mode()&os.ModeCharDevice != 0 {
+			prompt = true
+		}
+	}
+	ok := true
+	sc := bufio.NewScanner(r)
+	for {
+		if prompt {
+			fmt.Fprint(s.out, "zq-csi io> ")
+		}
+		if !sc.Scan() {
+			break
+		}
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		ok = s.execute(line) && ok
+		if s.quit {
+			break
+		}
+	}
+	if err := sc.Err(); err != nil {
+		fmt.Fprintf(s.errw, "zq-csi: io: reading commands: %v\n", err)
+		return false
+	}
+	return ok
+}

@@ -1,0 +1,121 @@
+// Command zq-csi is the zq-csi binary: the CSI driver and its tools for
+// zoned qcow2 images, as subcommands.
+//
+//	zq-csi image create|info|check ...   qemu-img-like image tools
+//	zq-csi io [-r] [-c CMD]... FILE       qemu-io-like I/O on one image
+//
+// Planned, each in its own file registering in the subcommands table:
+// serve (the CSI services), export (qemu-nbd-like), attach and detach.
+//
+// Exit codes: 0 success, 1 failure, 2 usage error; `image check` uses
+// qemu-img check's codes (see cmd_image.go).
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+)
+
+// subcommand is one top-level verb of the binary.
+type subcommand struct {
+	name    string
+	summary string
+	// run executes the subcommand with the arguments after its name and
+	// returns the process exit code.
+	run func(e *env, args []string) int
+}
+
+// subcommands is the table of verbs. New verbs (serve, export, attach,
+// detach) add one entry here and live in their own cmd_<name>.go file.
+var subcommands = []subcommand{
+	{"image", "create, inspect and check qcow2 images (like qemu-img)", runImage},
+	{"io", "run I/O commands on an image (like qemu-io)", runIO},
+}
+
+// env is what a subcommand talks to: its output streams and its name for
+// messages. Tests run subcommands in-process with buffers.
+type env struct {
+	stdin  io.Reader
+	stdout io.Writer
+	stderr io.Writer
+	prog   string // e.g. "zq-csi image create", for usage text
+}
+
+// Exit codes shared by all subcommands.
+const (
+	exitOK      = 0
+	exitFailure = 1
+	exitUsage   = 2
+)
+
+// usageError is returned by a subcommand's argument parsing: it prints
+// the message and the usage text and exits with exitUsage.
+type usageError struct{ msg string }
+
+func (e *usageError) Error() string { return e.msg }
+
+func usagef(format string, a ...any) error {
+	return &usageError{fmt.Sprintf(format, a...)}
+}
+
+// errorf prints "zq-csi: <prefix>: msg" to stderr.
+func (e *env) errorf(format string, a ...any) {
+	fmt.Fprintf(e.stderr, "zq-csi: "+format+"\n", a...)
+}
+
+// fail reports err and returns the exit code it deserves: usage errors
+// print the usage text of the subcommand and give exitUsage.
+func (e *env) fail(err error, usage func(io.Writer)) int {
+	var ue *usageError
+	if errors.As(err, &ue) {
+		e.errorf("%s: %s", strings.TrimPrefix(e.prog, "zq-csi "), ue.msg)
+		if usage != nil {
+			usage(e.stderr)
+		}
+		return exitUsage
+	}
+	e.errorf("%s: %v", strings.TrimPrefix(e.prog, "zq-csi "), err)
+	return exitFailure
+}
+
+func mainUsage(w io.Writer) {
+	fmt.Fprintf(w, "Usage: zq-csi COMMAND [ARGS]\n\n")
+	fmt.Fprintf(w, "zq-csi gives Kubernetes pods host-managed zoned block devices backed by zoned\nqcow2 images.\n\nCommands:\n")
+	cmds := append([]subcommand(nil), subcommands...)
+	sort.Slice(cmds, func(i, j int) bool { return cmds[i].name < cmds[j].name })
+	for _, c := range cmds {
+		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintf(w, "\nRun 'zq-csi COMMAND -h' for the usage of a command.\n")
+}
+
+// run is main without os.Exit, for tests.
+func run(e *env, args []string) int {
+	if len(args) == 0 {
+		e.errorf("no command given")
+		mainUsage(e.stderr)
+		return exitUsage
+	}
+	switch args[0] {
+	case "-h", "-help", "--help", "help":
+		mainUsage(e.stdout)
+		return exitOK
+	}
+	for _, c := range subcommands {
+		if c.name == args[0] {
+			e.prog = "zq-csi " + c.name
+			return c.run(e, args[1:])
+		}
+	}
+	e.errorf("unknown command %q", args[0])
+	mainUsage(e.stderr)
+	return exitUsage
+}
+
+func main() {
+	os.Exit(run(&env{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr}, os.Args[1:]))
+}
