@@ -43,6 +43,10 @@ type CreateOptions struct {
 	RefcountBits  int    // 1, 2, 4, 8, 16, 32 or 64; 0 means 16
 	Preallocation string // "", "off" or "metadata"
 	LazyRefcounts bool   // set the lazy_refcounts compatible bit
+	// Zones makes a zoned image (NrZones is derived from Size). Package
+	// image checks only the format's consistency: validate the limits with
+	// zoned.Geometry.Normalize first.
+	Zones *Zones
 }
 
 // OpenOptions tune how an image is opened.
@@ -71,6 +75,8 @@ type Info struct {
 	ExtendedL2      bool   `json:"extended-l2"`
 	Dirty           bool   `json:"dirty-flag"`
 	Corrupt         bool   `json:"corrupt"`
+	// Zones is the zone geometry of a zoned image, nil for a plain one.
+	Zones *Zones `json:"zoned,omitempty"`
 }
 
 // Extent is a run of the virtual disk with one allocation state, as Map

@@ -118,6 +118,7 @@ func (img *Image) count() (*CheckResult, []uint32, error) {
 		}
 	}
 	ref(int64(img.hdr.l1TableOffset), int64(len(img.l1))*8, "L1 table")
+	img.checkZones(ref, &corrupt)
 
 	res.TotalClusters = (img.size + cs - 1) / cs
 	err = img.walkL2(func(l1i int64, t *table) {

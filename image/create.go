@@ -57,6 +57,24 @@ func (o CreateOptions) normalize() (CreateOptions, error) {
 		return o, fmt.Errorf("size %d: must be positive: %w", o.Size, ErrInvalidOption)
 	}
 	o.Size = (o.Size + 511) &^ 511
+	if z := o.Zones; z != nil {
+		if z.ZoneSize <= 0 || z.ZoneSize%512 != 0 {
+			return o, fmt.Errorf("zone.size %d: must be a positive multiple of 512: %w", z.ZoneSize, ErrInvalidOption)
+		}
+		if z.ZoneCapacity <= 0 || z.ZoneCapacity > z.ZoneSize || z.ZoneCapacity%512 != 0 {
+			return o, fmt.Errorf("zone.capacity %d: must be a multiple of 512 from 512 to zone.size %d: %w", z.ZoneCapacity, z.ZoneSize, ErrInvalidOption)
+		}
+		nr := (o.Size + z.ZoneSize - 1) / z.ZoneSize
+		if nr > 1<<32-1 {
+			return o, fmt.Errorf("zone.size %d: %d zones are too many: %w", z.ZoneSize, nr, ErrInvalidOption)
+		}
+		if int64(z.ConventionalZones) > nr {
+			return o, fmt.Errorf("zone.conventional_zones %d: the disk has %d zones: %w", z.ConventionalZones, nr, ErrInvalidOption)
+		}
+		zones := *z
+		zones.NrZones = uint32(nr)
+		o.Zones = &zones
+	}
 	cs := int64(o.ClusterSize)
 	if l1 := l1EntriesFor(o.Size, cs, cs/8); l1*8 > maxL1Bytes {
 		return o, fmt.Errorf("size %d: too large for %d-byte clusters (the L1 table would exceed %d MiB): %w",
@@ -74,8 +92,8 @@ func l1EntriesFor(size, clusterSize, l2Entries int64) int64 {
 // stays open and owned by the caller.
 //
 // The layout is QEMU's: the header in cluster 0, then the refcount table,
-// the refcount blocks and the L1 table, with the refcounts covering all of
-// them.
+// the refcount blocks, the L1 table and, for a zoned image, the
+// write-pointer table, with the refcounts covering all of them.
 func CreateStorage(s Storage, opts CreateOptions) error {
 	o, err := opts.normalize()
 	if err != nil {
@@ -85,10 +103,14 @@ func CreateStorage(s Storage, opts CreateOptions) error {
 	l1Entries := l1EntriesFor(o.Size, cs, cs/8)
 	l1Clusters := (l1Entries*8 + cs - 1) / cs
 	blockEntries := cs * 8 / int64(o.RefcountBits)
+	var wpClusters int64
+	if o.Zones != nil {
+		wpClusters = (8*int64(o.Zones.NrZones) + cs - 1) / cs
+	}
 
 	tableClusters, blocks := int64(1), int64(1)
 	for {
-		total := 1 + tableClusters + blocks + l1Clusters
+		total := 1 + tableClusters + blocks + l1Clusters + wpClusters
 		nb := (total + blockEntries - 1) / blockEntries
 		nt := (nb*8 + cs - 1) / cs
 		if nb == blocks && nt == tableClusters {
@@ -96,7 +118,7 @@ func CreateStorage(s Storage, opts CreateOptions) error {
 		}
 		blocks, tableClusters = nb, nt
 	}
-	total := 1 + tableClusters + blocks + l1Clusters
+	total := 1 + tableClusters + blocks + l1Clusters + wpClusters
 
 	h := &header{
 		version:               3,
@@ -111,6 +133,16 @@ func CreateStorage(s Storage, opts CreateOptions) error {
 	if o.LazyRefcounts {
 		h.compatible |= compatLazyRefcounts
 	}
+	var zext *zonedExt
+	if o.Zones != nil {
+		zext = &zonedExt{
+			Zones:      *o.Zones,
+			metaSize:   8 * uint64(o.Zones.NrZones),
+			metaOffset: uint64((1 + tableClusters + blocks + l1Clusters) * cs),
+		}
+		h.incompatible |= incompatZoned
+		h.extensions = append(h.extensions, extension{typ: extZoned, data: zext.encode()})
+	}
 	hdr, err := h.encode()
 	if err != nil {
 		return err
@@ -123,6 +155,9 @@ func CreateStorage(s Storage, opts CreateOptions) error {
 	blockArea := buf[(1+tableClusters)*cs:]
 	for c := range total {
 		setRefcountEntry(blockArea, c, o.RefcountBits, 1)
+	}
+	if zext != nil {
+		copy(buf[zext.metaOffset:], zext.initialTable())
 	}
 	if _, err := s.WriteAt(buf, 0); err != nil {
 		return err

@@ -41,7 +41,7 @@ const (
 
 	// incompatKnown are the incompatible bits this package can honour.
 	// Compression is known but only the zlib type is accepted.
-	incompatKnown = incompatDirty | incompatCorrupt | incompatCompression | incompatExtendedL2
+	incompatKnown = incompatDirty | incompatCorrupt | incompatCompression | incompatExtendedL2 | incompatZoned
 )
 
 // Table entry bits.
@@ -74,6 +74,7 @@ var featureNames = []featureName{
 	{featureIncompatible, 2, "external data file"},
 	{featureIncompatible, 3, "compression type"},
 	{featureIncompatible, 4, "extended L2 entries"},
+	{featureIncompatible, 5, "zoned format"},
 	{featureCompatible, 0, "lazy refcounts"},
 	{featureAutoclear, 0, "bitmaps"},
 	{featureAutoclear, 1, "raw external data"},

@@ -59,6 +59,13 @@ type Image struct {
 	// repairRefs, during a repair, are the references the check counted.
 	repairRefs []uint32
 	closed     bool
+
+	// Zoned images: the extension, the write pointers and the span of
+	// table entries [wpDirtyLo, wpDirtyHi) not yet written.
+	zones         *zonedExt
+	writePointers []int64
+	wpDirtyLo     int
+	wpDirtyHi     int
 }
 
 // Open opens the image at path. A read-write open takes an exclusive lock
@@ -148,6 +155,9 @@ func openImage(s Storage, opts OpenOptions) (*Image, error) {
 	}
 	img.refTable = decodeTable(rt)
 	img.highWater = (fileSize + cs - 1) / cs
+	if err := img.loadZones(); err != nil {
+		return nil, err
+	}
 	return img, nil
 }
 
@@ -793,8 +803,13 @@ func (img *Image) Flush() error {
 	return img.flushLocked()
 }
 
+// flushLocked writes back the metadata, then the write pointers, which
+// may only cover what is durable, then lets go of freed clusters.
 func (img *Image) flushLocked() error {
 	if err := img.writeback(); err != nil {
+		return err
+	}
+	if err := img.writeWritePointers(); err != nil {
 		return err
 	}
 	return img.releasePending()
@@ -865,6 +880,10 @@ func (img *Image) Info() Info {
 		ExtendedL2:      img.extendedL2,
 		Dirty:           h.incompatible&incompatDirty != 0,
 		Corrupt:         h.incompatible&incompatCorrupt != 0,
+	}
+	if img.zones != nil {
+		z := img.zones.Zones
+		info.Zones = &z
 	}
 	if f, ok := img.file.(osFile); ok {
 		if st, err := f.f.Stat(); err == nil {

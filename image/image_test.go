@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"strconv"
 	"sync"
 	"testing"
 )
@@ -292,10 +294,7 @@ func TestConcurrentWritersToSharedClusters(t *testing.T) {
 // workload: the image must open, check without corruption (leaks are
 // allowed) and hold everything written before the last completed flush.
 func TestCrashLeavesNoCorruption(t *testing.T) {
-	cuts := 300
-	if testing.Short() || raceEnabled {
-		cuts = 40
-	}
+	cuts := crashCuts(300)
 	for _, cs := range []int{512, 65536} {
 		t.Run(fmt.Sprint(cs), func(t *testing.T) {
 			t.Parallel()
@@ -305,6 +304,18 @@ func TestCrashLeavesNoCorruption(t *testing.T) {
 			}
 		})
 	}
+}
+
+// crashCuts is how many power cuts a crash test injects: n, fewer with
+// -short or under the race detector, ZQ_CRASH_CUTS if set (make crash).
+func crashCuts(n int) int {
+	if v, err := strconv.Atoi(os.Getenv("ZQ_CRASH_CUTS")); err == nil && v > 0 {
+		return v
+	}
+	if testing.Short() || raceEnabled {
+		return n / 8
+	}
+	return n
 }
 
 func crashOnce(t *testing.T, r *rand.Rand, cs int, cut int) {

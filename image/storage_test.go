@@ -155,3 +155,9 @@ func (m *memStorage) bytes() []byte {
 	defer m.mu.Unlock()
 	return append([]byte(nil), m.current...)
 }
+
+func (m *memStorage) hasCut() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.cut != nil
+}
