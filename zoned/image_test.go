@@ -1,0 +1,163 @@
+package zoned
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/zq-csi/zq-csi/image"
+)
+
+// TestSharedVectorsReportTheirZones opens the images another tool built
+// from the spec and compares the zone report with the one its README gives.
+func TestSharedVectorsReportTheirZones(t *testing.T) {
+	const mib16, mib12 = 16 << 20, 12 << 20
+	for _, name := range []string{"zoned-le-1g-16m-conv3.qcow2", "zoned-be-1g-16m-conv3.qcow2"} {
+		t.Run(name, func(t *testing.T) {
+			img, err := image.Open(filepath.Join("../../shared/testdata", name), image.OpenOptions{ReadOnly: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer img.Close()
+			d, err := OpenImage(img)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := d.Report(0, 64)
+			for i, z := range got {
+				want := Zone{Start: int64(i) * mib16, Length: mib16, Capacity: mib12, WritePointer: int64(i) * mib16, Type: SequentialWriteRequired, Cond: Empty}
+				if i < 3 {
+					want.Capacity, want.Type, want.Cond = mib16, Conventional, NotWritePointer
+				}
+				if z != want {
+					t.Errorf("zone %d = %+v, want %+v", i, z, want)
+				}
+			}
+			if len(got) != 64 {
+				t.Fatalf("%d zones, want 64", len(got))
+			}
+			if open, active := d.Resources(); open != 0 || active != 0 {
+				t.Errorf("resources open %d active %d after open, want 0 0", open, active)
+			}
+		})
+	}
+}
+
+func createTestImage(t *testing.T, g Geometry, size int64) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "z.qcow2")
+	if _, err := CreateImage(p, image.CreateOptions{Size: size}, g); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestDeviceStateSurvivesReopen drives zones through a Device on a real
+// image file, closes it, and finds the conditions derived from the table.
+func TestDeviceStateSurvivesReopen(t *testing.T) {
+	const zs = 4 << 20
+	p := createTestImage(t, Geometry{ZoneSize: zs, ZoneCapacity: 3 << 20, ConventionalZones: 1, MaxOpenZones: 3, MaxActiveZones: 4, MaxAppendBytes: 64 << 10}, 32<<20)
+	img, err := image.Open(p, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := OpenImage(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte{0xa5}, 128<<10)
+	if _, err := d.WriteAt(data, 1*zs); err != nil { // zone 1: closed after reopen
+		t.Fatal(err)
+	}
+	if _, err := d.WriteAt(data, 2*zs+4096); !errors.Is(err, ErrNotAtWritePointer) {
+		t.Fatalf("write off the write pointer: err = %v", err)
+	}
+	at, err := d.Append(data[:64<<10], 3*zs) // zone 3: closed
+	if err != nil || at != 3*zs {
+		t.Fatalf("append landed at %#x, err %v", at, err)
+	}
+	if err := d.Finish(4*zs, zs); err != nil { // zone 4: full
+		t.Fatal(err)
+	}
+	if _, err := d.WriteAt(data, 5*zs); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Reset(5*zs, zs); err != nil { // zone 5: empty again
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	img, err = image.Open(p, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	if res, err := img.Check(false); err != nil || !res.Clean() {
+		t.Fatalf("check: %v %+v", err, res)
+	}
+	d, err = OpenImage(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []struct {
+		cond Condition
+		wp   int64
+	}{{NotWritePointer, 0}, {Closed, zs + 128<<10}, {Empty, 2 * zs}, {Closed, 3*zs + 64<<10}, {Full, 5 * zs}, {Empty, 5 * zs}, {Empty, 6 * zs}, {Empty, 7 * zs}}
+	for i, z := range d.Report(0, 8) {
+		if z.Cond != want[i].cond || z.WritePointer != want[i].wp {
+			t.Errorf("zone %d after reopen: %v at %#x, want %v at %#x", i, z.Cond, z.WritePointer, want[i].cond, want[i].wp)
+		}
+	}
+	got := make([]byte, 128<<10)
+	if _, err := d.ReadAt(got, zs); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("zone 1 data after reopen: err %v, equal %v", err, bytes.Equal(got, data))
+	}
+}
+
+// TestResetGivesSpaceBack: a reset frees the zone's clusters, so writing
+// the zone again does not grow the file.
+func TestResetGivesSpaceBack(t *testing.T) {
+	const zs = 8 << 20
+	p := createTestImage(t, Geometry{ZoneSize: zs, ZoneCapacity: zs, MaxAppendBytes: 64 << 10}, 64<<20)
+	img, err := image.Open(p, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	d, err := OpenImage(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte{1}, zs)
+	if _, err := d.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	st1, _ := os.Stat(p)
+	for range 3 {
+		if err := d.Reset(0, zs); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if ext, _ := img.Map(0, zs); len(ext) != 1 || ext[0].Data {
+			t.Fatalf("after reset the zone still maps data: %+v", ext)
+		}
+		if _, err := d.WriteAt(data, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st2, _ := os.Stat(p); st2.Size() != st1.Size() {
+		t.Fatalf("file grew from %d to %d over reset and rewrite: the reset did not free the clusters", st1.Size(), st2.Size())
+	}
+}
