@@ -13,7 +13,9 @@ var ErrNotZoned = errors.New("image is not zoned")
 // write-pointer table and their ordering; resets free the zone's clusters.
 type imageStore struct{ *image.Image }
 
-func (s imageStore) WriteZeroes(off, length int64) error { return s.Image.WriteZeroes(off, length, true) }
+func (s imageStore) WriteZeroes(off, length int64) error {
+	return s.Image.WriteZeroes(off, length, true)
+}
 
 // ImageGeometry is the Geometry an image's zoned extension describes.
 func ImageGeometry(size int64, z image.Zones) Geometry {
