@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# run-vm-tests.sh -- every test that needs the VM harness kernel, in one go.
+#
+#   test/e2e/run-vm-tests.sh
+#
+# No arguments; the ZQ_VM_* variables of vm.sh apply (see README.md). Runs:
+#   1. the harness's own checks: exit status, clean stdout/stderr, ZQ_VM=1,
+#      the repository shared read-write both ways at the same path, the host
+#      root read-only underneath, a hung guest killed by ZQ_VM_TIMEOUT, a
+#      broken guest setup failing loudly (125), and a negative control (the
+#      kernel checks must fail when the modules they check are not loaded);
+#   2. kernel-checks.sh in the guest (ublk/nbd nodes, zoned null_blk, blkzone,
+#      fio zonemode=zbd with verify, btrfs and f2fs zoned mode);
+#   3. every Go package with vmtest-tagged tests, via vm-go-test.sh ./...
+# Prints "ok"/"not ok" per check and ends with "N passed, N failed"; exits 1
+# if anything failed. Each step boots its own guest (about 10 s each).
+set -euo pipefail
+
+E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$E2E_DIR/../.." && pwd -P)
+VM=$E2E_DIR/vm.sh
+cd "$REPO_DIR"
+
+PASS=0
+FAIL=0
+ok() {
+	PASS=$((PASS + 1))
+	echo "ok - $*"
+}
+not_ok() {
+	FAIL=$((FAIL + 1))
+	echo "not ok - $*"
+}
+expect() { # NAME WANT GOT
+	if [[ $3 == "$2" ]]; then ok "$1"; else not_ok "$1: want '$2', got '$3'"; fi
+}
+elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
+
+T0=$EPOCHREALTIME
+# Scratch space inside the repository (shared with the guest), ignored by git.
+SCRATCH=$(mktemp -d "$E2E_DIR/.vmcheck.XXXXXX")
+trap 'rm -rf "$SCRATCH"' EXIT
+
+# First use sets up the cache (packages, kernel download): do it up front so
+# its cost is not charged to the first check's time.
+echo "# setting up / checking the VM cache"
+"$VM" -- true || {
+	not_ok "vm.sh -- true (harness setup or boot failed)"
+	echo "$PASS passed, $FAIL failed"
+	exit 1
+}
+
+# ---- 1. the harness itself -------------------------------------------------
+echo "# harness: status, streams, environment, shares"
+token=$RANDOM$RANDOM$RANDOM
+echo "$token" >"$SCRATCH/from-host"
+t=$EPOCHREALTIME
+rc=0
+# shellcheck disable=SC2016 # expanded by the guest's bash
+"$VM" -- bash -c '
+	echo "env ZQ_VM=$ZQ_VM uid=$(id -u) pwd=$PWD"
+	echo "kernel $(uname -r)"
+	echo "this goes to stderr" >&2
+	cat "$1/from-host" >"$1/echo"        # host -> guest -> host
+	echo guest-wrote-this >"$1/from-guest"
+	echo "etc $(cat /etc/debian_version)" # host root visible read-only...
+	echo leak >/etc/zq-vm-overlay-test    # ...and writes there stay in the guest
+	exit 7' _ "$SCRATCH" >"$SCRATCH/out" 2>"$SCRATCH/err" || rc=$?
+boot_s=$(elapsed "$t")
+expect "exit status of the command is passed through (7)" 7 "$rc"
+expect "stdout: ZQ_VM=1, root, same working directory" \
+	"env ZQ_VM=1 uid=0 pwd=$REPO_DIR" "$(sed -n 1p "$SCRATCH/out")"
+guest_krel=$(sed -n 's/^kernel //p' "$SCRATCH/out")
+if [[ -n $guest_krel && $guest_krel != "$(uname -r)" ]]; then
+	ok "the command ran on the guest kernel ($guest_krel)"
+else
+	not_ok "guest kernel '$guest_krel' (host $(uname -r))"
+fi
+expect "stdout has exactly the command's 3 lines (no console noise)" 3 "$(wc -l <"$SCRATCH/out")"
+expect "stderr has the command's line" "this goes to stderr" "$(grep -x 'this goes to stderr' "$SCRATCH/err" || true)"
+expect "repository share: guest read the host's file" "$token" "$(cat "$SCRATCH/echo" 2>/dev/null || true)"
+expect "repository share: host sees the guest's file" guest-wrote-this "$(cat "$SCRATCH/from-guest" 2>/dev/null || true)"
+expect "host root visible in the guest" "etc $(cat /etc/debian_version)" "$(sed -n 3p "$SCRATCH/out")"
+expect "guest writes outside the shares do not reach the host" no \
+	"$([[ -e /etc/zq-vm-overlay-test ]] && echo yes || echo no)"
+echo "# boot + command + poweroff: ${boot_s}s"
+
+echo "# harness: a hung guest is killed by ZQ_VM_TIMEOUT"
+t=$EPOCHREALTIME
+rc=0
+ZQ_VM_TIMEOUT=15 "$VM" -- sleep 1000 >/dev/null 2>"$SCRATCH/err" || rc=$?
+took=$(elapsed "$t")
+expect "timeout exit status (124)" 124 "$rc"
+expect "timeout reported" 1 "$(grep -c 'TIMEOUT: guest still running after 15s' "$SCRATCH/err")"
+if grep -q '^console: ' "$SCRATCH/err"; then ok "console tail printed on timeout"; else not_ok "no console tail on timeout"; fi
+if awk -v t="$took" 'BEGIN { exit !(t < 35) }'; then ok "killed in ${took}s (< 35s)"; else not_ok "timeout took ${took}s"; fi
+
+echo "# harness: a broken guest setup fails loudly"
+rc=0
+ZQ_VM_TIMEOUT=120 ZQ_VM_MODULES="null_blk:nr_devices=not-a-number" "$VM" -- true >/dev/null 2>"$SCRATCH/err" || rc=$?
+expect "guest init failure exit status (125)" 125 "$rc"
+expect "guest init failure names the cause" 1 \
+	"$(grep -c 'FATAL: insmod null_blk.ko nr_devices=not-a-number' "$SCRATCH/err")"
+rc=0
+ZQ_VM_MODULES="no_such_module" "$VM" -- true >/dev/null 2>"$SCRATCH/err" || rc=$?
+expect "unknown module exit status (125)" 125 "$rc"
+expect "unknown module named" 1 "$(grep -c 'has no module no_such_module' "$SCRATCH/err")"
+
+echo "# negative control: the device checks fail without ublk_drv and nbd"
+rc=0
+ZQ_VM_TIMEOUT=120 ZQ_VM_MODULES="null_blk:nr_devices=0" "$VM" -- "$E2E_DIR/kernel-checks.sh" devices \
+	>"$SCRATCH/out" 2>&1 || rc=$?
+expect "kernel-checks.sh devices exit status without the modules" 1 "$rc"
+expect "kernel-checks.sh devices failures without the modules" "0 passed, 4 failed" "$(tail -n1 "$SCRATCH/out")"
+
+# ---- 2. kernel checks in the guest -----------------------------------------
+echo "# kernel-checks.sh in the guest"
+t=$EPOCHREALTIME
+rc=0
+"$VM" -- "$E2E_DIR/kernel-checks.sh" | tee "$SCRATCH/out" | sed 's/^/  /' || rc=$?
+expect "kernel-checks.sh exit status ($(tail -n1 "$SCRATCH/out"), $(elapsed "$t")s)" 0 "$rc"
+
+# ---- 3. Go tests with the vmtest tag ---------------------------------------
+echo "# Go tests with the vmtest build tag (vm-go-test.sh ./...)"
+t=$EPOCHREALTIME
+rc=0
+"$E2E_DIR/vm-go-test.sh" ./... 2>&1 | tee "$SCRATCH/out" | sed 's/^/  /' || rc=$?
+expect "vm-go-test.sh ./... exit status ($(elapsed "$t")s)" 0 "$rc"
+if grep -q '^ok	github.com/zq-csi/zq-csi/test/e2e	' "$SCRATCH/out"; then
+	ok "test/e2e Go kernel tests ran and passed"
+else
+	not_ok "test/e2e Go kernel tests did not pass"
+fi
+
+echo "# total $(elapsed "$T0")s"
+echo "$PASS passed, $FAIL failed"
+((FAIL == 0))
