@@ -294,7 +294,7 @@ func TestConcurrentWritersToSharedClusters(t *testing.T) {
 // workload: the image must open, check without corruption (leaks are
 // allowed) and hold everything written before the last completed flush.
 func TestCrashLeavesNoCorruption(t *testing.T) {
-	cuts := crashCuts(300)
+	cuts := crashCuts(500)
 	for _, cs := range []int{512, 65536} {
 		t.Run(fmt.Sprint(cs), func(t *testing.T) {
 			t.Parallel()

@@ -203,7 +203,7 @@ func TestWritePointersPersistAndBigEndianTablesAreRewritten(t *testing.T) {
 // power cuts at random file calls: after the cut every zone's data below its
 // write pointer must be exactly what was written there.
 func TestCrashNeverLeavesAWritePointerPastDurableData(t *testing.T) {
-	cuts := crashCuts(300)
+	cuts := crashCuts(1000)
 	r := rand.New(rand.NewPCG(3, 4))
 	for cut := range cuts {
 		opts := zonedOpts()

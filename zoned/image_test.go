@@ -161,3 +161,54 @@ func TestResetGivesSpaceBack(t *testing.T) {
 		t.Fatalf("file grew from %d to %d over reset and rewrite: the reset did not free the clusters", st1.Size(), st2.Size())
 	}
 }
+
+// TestFinishAllocatesNothing: finishing zones, empty or part written,
+// moves write pointers without writing a cluster.
+func TestFinishAllocatesNothing(t *testing.T) {
+	const zs = 8 << 20
+	p := createTestImage(t, Geometry{ZoneSize: zs, ZoneCapacity: zs, MaxAppendBytes: 64 << 10}, 64<<20)
+	img, err := image.Open(p, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	d, err := OpenImage(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.WriteAt(make([]byte, 4096), zs); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := os.Stat(p)
+	if err := d.Finish(0, 8*zs); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := os.Stat(p)
+	if after.Size() != before.Size() {
+		t.Fatalf("finish grew the file from %d to %d bytes", before.Size(), after.Size())
+	}
+	for i, z := range d.Report(0, 8) {
+		if z.Cond != Full {
+			t.Errorf("zone %d is %v after finish, want full", i, z.Cond)
+		}
+	}
+	ext, err := img.Map(0, 8*zs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var data int64
+	for _, e := range ext {
+		if e.Data {
+			data += e.Length
+		}
+	}
+	if data > 64<<10 {
+		t.Fatalf("%d bytes map to data after finish; only the 4 KiB written (one cluster) should", data)
+	}
+}
