@@ -18,6 +18,10 @@ STATICCHECK := $(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSIO
 # Each fuzz target runs this long in `make fuzz`.
 FUZZTIME ?= 15s
 
+# Power cuts per crash test in `make crash` (the tests' defaults are 500 and 1000;
+# 5000 takes about 5 minutes on a 2-core machine).
+CRASH_CUTS ?= 5000
+
 # The VM tier (test/e2e, owned by the VM harness): the script and its
 # arguments. `make test` runs it when the script exists.
 E2E_SCRIPT ?= test/e2e/run-vm-tests.sh
@@ -27,14 +31,14 @@ E2E_ARGS ?=
 # (it runs under the race detector), `make interop` runs only them.
 INTEROP_TESTS := ^TestInterop
 
-.PHONY: all build deps test vet unit interop e2e lint bench fuzz demo clean help
+.PHONY: all build deps test vet unit interop e2e lint bench fuzz crash crash-default demo clean help
 
 all: build
 
 help:
 	@echo "make build    build $(BIN)"
 	@echo "make deps     install the Debian packages the tests need (only the missing ones; root)"
-	@echo "make demo     deps + build, then a short tour: create, write, verify, info, check"
+	@echo "make demo     deps + build, then a short tour: create, write, verify, info, check; a zoned image"
 	@echo "make test     deps, go vet, unit tests (race), interop tests (qemu-img/qemu-io), VM tests"
 	@echo "make unit     unit and property tests, fuzz seeds, under the race detector"
 	@echo "make interop  the interop tier alone"
@@ -42,6 +46,7 @@ help:
 	@echo "make lint     gofmt, go vet, staticcheck $(STATICCHECK_VERSION)"
 	@echo "make bench    benchmarks, also written to bench.txt"
 	@echo "make fuzz     every fuzz target for FUZZTIME=$(FUZZTIME)"
+	@echo "make crash    the crash (power cut) tests of image/ and zoned/ with CRASH_CUTS=$(CRASH_CUTS) cuts each"
 	@echo "make clean    remove build outputs"
 
 build:
@@ -50,7 +55,7 @@ build:
 deps:
 	bash scripts/deps.sh
 
-test: deps vet unit interop e2e
+test: deps vet unit crash-default interop e2e
 
 vet:
 	$(GO) vet ./...
@@ -86,6 +91,15 @@ fuzz:
 			$(GO) test -run='^$$' -fuzz="^$$target\$$" -fuzztime=$(FUZZTIME) "$$pkg"; \
 		done; \
 	done
+
+# The crash tests read ZQ_CRASH_CUTS. `make unit` runs them scaled down
+# under the race detector; `make test` also runs them at their default
+# (about 2,000 cuts in all) without it; `make crash` runs CRASH_CUTS each.
+crash-default:
+	$(GO) test -count=1 -run 'Crash' ./image/ ./zoned/
+
+crash:
+	ZQ_CRASH_CUTS=$(CRASH_CUTS) $(GO) test -count=1 -timeout 15m -run 'Crash' ./image/ ./zoned/
 
 demo: deps build
 	bash scripts/demo.sh $(BIN)

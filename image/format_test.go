@@ -42,7 +42,7 @@ func TestBadImagesAreRefusedWithoutWriting(t *testing.T) {
 		{"no refcount table", mutate(func(b []byte) []byte { be.PutUint32(b[56:], 0); return b }), ErrCorrupt, "refcount_table_clusters"},
 		{"refcount order 7", mutate(func(b []byte) []byte { be.PutUint32(b[96:], 7); return b }), ErrCorrupt, "refcount_order"},
 		{"header length odd", mutate(func(b []byte) []byte { be.PutUint32(b[100:], 105); return b }), ErrCorrupt, "header_length"},
-		{"unknown incompatible bit named by the table", mutate(func(b []byte) []byte { b[79] |= 1 << 5; return b }), ErrUnsupported, "bit 5"},
+		{"unknown incompatible bit 6", mutate(func(b []byte) []byte { b[79] |= 1 << 6; return b }), ErrUnsupported, "bit 6"},
 		{"unknown incompatible bit 40", mutate(func(b []byte) []byte { b[74] |= 1; return b }), ErrUnsupported, "bit 40"},
 		{"external data file", mutate(func(b []byte) []byte { b[79] |= incompatDataFile; return b }), ErrUnsupported, "external data"},
 		{"zstd", mutate(func(b []byte) []byte { b[79] |= incompatCompression; b[104] = 1; return b }), ErrUnsupported, "zstd"},
@@ -90,6 +90,13 @@ func TestFileIsUnchangedWhenRefused(t *testing.T) {
 	after, _ := os.ReadFile(p)
 	if !bytes.Equal(after, b) {
 		t.Fatal("the refused file was modified")
+	}
+}
+
+func TestUnknownBitsAreNamedFromTheImagesTable(t *testing.T) {
+	h := &header{names: []featureName{{featureIncompatible, 7, "frobnication"}, {featureCompatible, 8, "other kind"}}}
+	if got := h.describeBits(featureIncompatible, 1<<7|1<<8); got != "frobnication, bit 8" {
+		t.Fatalf("describeBits = %q, want %q", got, "frobnication, bit 8")
 	}
 }
 

@@ -267,6 +267,7 @@ func (img *Image) growRefTable(minEntries int64) error {
 	oldOffset, oldClusters := img.refTableOffset, int64(img.hdr.refcountTableClusters)
 	img.refTable = grown
 	img.refTableOffset = end * cs
+	img.refTableDirty = true
 	img.highWater = max(img.highWater, next)
 	for c := end; c < next; c++ {
 		if err := img.setRefcount(c, 1); err != nil {

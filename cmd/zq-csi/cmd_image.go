@@ -18,10 +18,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/zoned"
 )
 
 // Exit codes of `image check` (qemu-img check's).
@@ -81,14 +84,20 @@ func checkFormat(f string) error {
 // createSpec collects the creation parameters from -o and the operands.
 type createSpec struct {
 	opts image.CreateOptions
+	// zoneMode and zoneGeom are the zone.* options as given; zones is
+	// the geometry the image gets (defaults and clamps applied), nil for
+	// a plain image.
+	zoneMode string
+	zoneGeom zoned.Geometry
+	zones    *zoned.Geometry
 	// given records which options were set explicitly, for the
 	// "Formatting" line (qemu-img shows some only when given).
 	given map[string]bool
 }
 
 // createOption is one key of `image create -o`. The table below is the
-// only place that knows the keys: to add one (the zone.* keys), add an
-// entry with its parser and how it shows in the "Formatting" line.
+// only place that knows the keys: to add one, add an entry with its parser
+// and how it shows in the "Formatting" line.
 type createOption struct {
 	key  string
 	help string
@@ -211,9 +220,153 @@ var createOptions = []createOption{
 		},
 		show: func(s *createSpec) (string, bool) { return "1.1", s.given["compat"] },
 	},
-	// zone.mode, zone.size, zone.capacity, zone.conventional_zones,
-	// zone.max_open_zones, zone.max_active_zones and zone.max_append_bytes
-	// go here when image.CreateOptions has the zoned fields.
+	// The zoned keys (spec section 4). They only record what was given;
+	// zonedGeometry applies the defaults and checks the combination, and
+	// the Formatting line shows the values the image gets.
+	{
+		key:  "zone.mode",
+		help: "host-managed: make a zoned image (required for any other zone.* key)",
+		set: func(s *createSpec, v string) error {
+			if v != zoneModeHostManaged {
+				return fmt.Errorf("invalid value %q: only %s is supported", v, zoneModeHostManaged)
+			}
+			s.zoneMode = v
+			return nil
+		},
+		show: func(s *createSpec) (string, bool) { return zoneModeHostManaged, s.zones != nil },
+	},
+	{
+		key:  "zone.size",
+		help: "bytes per zone, a power of two (default 256M)",
+		set: func(s *createSpec, v string) error {
+			n, err := ParseSize(v)
+			s.zoneGeom.ZoneSize = n
+			return err
+		},
+		show: func(s *createSpec) (string, bool) {
+			return showZone(s, func(g *zoned.Geometry) int64 { return g.ZoneSize })
+		},
+	},
+	{
+		key:  "zone.capacity",
+		help: "writable bytes per zone, at most zone.size (default zone.size)",
+		set: func(s *createSpec, v string) error {
+			n, err := ParseSize(v)
+			s.zoneGeom.ZoneCapacity = n
+			return err
+		},
+		show: func(s *createSpec) (string, bool) {
+			return showZone(s, func(g *zoned.Geometry) int64 { return g.ZoneCapacity })
+		},
+	},
+	{
+		key:  "zone.conventional_zones",
+		help: "number of conventional (randomly writable) zones at the start (default 0)",
+		set: func(s *createSpec, v string) error {
+			n, err := parseCount(v)
+			s.zoneGeom.ConventionalZones = n
+			return err
+		},
+		show: func(s *createSpec) (string, bool) {
+			return showZone(s, func(g *zoned.Geometry) int64 { return int64(g.ConventionalZones) })
+		},
+	},
+	{
+		key:  "zone.max_open_zones",
+		help: "limit on open zones, 0 for none (default: zone.max_active_zones)",
+		set: func(s *createSpec, v string) error {
+			n, err := parseCount(v)
+			s.zoneGeom.MaxOpenZones = n
+			return err
+		},
+		show: func(s *createSpec) (string, bool) {
+			return showZone(s, func(g *zoned.Geometry) int64 { return int64(g.MaxOpenZones) })
+		},
+	},
+	{
+		key:  "zone.max_active_zones",
+		help: "limit on open + closed zones, 0 for none (default 0)",
+		set: func(s *createSpec, v string) error {
+			n, err := parseCount(v)
+			s.zoneGeom.MaxActiveZones = n
+			return err
+		},
+		show: func(s *createSpec) (string, bool) {
+			return showZone(s, func(g *zoned.Geometry) int64 { return int64(g.MaxActiveZones) })
+		},
+	},
+	{
+		key:  "zone.max_append_bytes",
+		help: "largest zone append, a multiple of 512 below zone.capacity - 512 (default 64k)",
+		set: func(s *createSpec, v string) error {
+			n, err := ParseSize(v)
+			s.zoneGeom.MaxAppendBytes = n
+			return err
+		},
+		show: func(s *createSpec) (string, bool) {
+			return showZone(s, func(g *zoned.Geometry) int64 { return g.MaxAppendBytes })
+		},
+	},
+}
+
+// zoneModeHostManaged is the one zone.mode value: QEMU's zoned qcow2
+// images are host-managed.
+const zoneModeHostManaged = "host-managed"
+
+// showZone shows one value of the zone geometry the image gets, in the
+// Formatting line of a zoned image.
+func showZone(s *createSpec, field func(*zoned.Geometry) int64) (string, bool) {
+	if s.zones == nil {
+		return "", false
+	}
+	return fmt.Sprint(field(s.zones)), true
+}
+
+// parseCount parses a zone count option: a decimal or 0x hexadecimal
+// number that fits the header's 32-bit field.
+func parseCount(v string) (int, error) {
+	base, digits := 10, v
+	if len(v) > 2 && v[0] == '0' && (v[1] == 'x' || v[1] == 'X') {
+		base, digits = 16, v[2:]
+	}
+	if digits == "" || strings.ContainsAny(digits[:1], "+-_") {
+		return 0, fmt.Errorf("invalid number %q", v)
+	}
+	n, err := strconv.ParseUint(digits, base, 64)
+	if err != nil {
+		return 0, fmt.Errorf("invalid number %q", v)
+	}
+	if n > math.MaxUint32 {
+		return 0, fmt.Errorf("%s is out of range (at most %d)", v, uint32(math.MaxUint32))
+	}
+	return int(n), nil
+}
+
+// zonedGeometry turns the zone.* options into the geometry to create, with
+// the defaults of spec section 4 filled in (Normalize derives max_open from
+// max_active). It returns nil for a plain image, and an error naming the
+// key when zone.* keys come without zone.mode=host-managed. The geometry
+// is not validated here: see runImageCreate.
+func zonedGeometry(s *createSpec) (*zoned.Geometry, error) {
+	if s.zoneMode == "" {
+		for _, o := range createOptions {
+			if strings.HasPrefix(o.key, "zone.") && s.given[o.key] {
+				return nil, fmt.Errorf("option %s needs zone.mode=%s", o.key, zoneModeHostManaged)
+			}
+		}
+		return nil, nil
+	}
+	g := s.zoneGeom
+	if !s.given["zone.size"] {
+		g.ZoneSize = zoned.DefaultZoneSize
+	}
+	if !s.given["zone.capacity"] {
+		g.ZoneCapacity = g.ZoneSize
+	}
+	if !s.given["zone.max_append_bytes"] {
+		g.MaxAppendBytes = zoned.DefaultMaxAppendBytes
+	}
+	return &g, nil
 }
 
 // unsupportedCreateOptions are qemu-img qcow2 options that zq-csi knows
@@ -311,7 +464,7 @@ fraction needs a unit (1.5G). FILE must not exist.
 
 func listCreateOptions(w io.Writer) {
 	for _, o := range createOptions {
-		fmt.Fprintf(w, "  %-18s %s\n", o.key, o.help)
+		fmt.Fprintf(w, "  %-24s %s\n", o.key, o.help)
 	}
 }
 
@@ -357,10 +510,40 @@ func runImageCreate(e *env, args []string) int {
 		return e.fail(usagef("missing SIZE"), createUsage)
 	}
 	file := operands[0]
+	geom, err := zonedGeometry(spec)
+	if err != nil {
+		return e.fail(usagef("%v", err), nil)
+	}
+	if geom != nil {
+		// Validate before printing anything, as CreateImage will: a bad
+		// value or combination is a usage error naming the key.
+		g := *geom
+		g.Size = (spec.opts.Size + zoned.SectorSize - 1) / zoned.SectorSize * zoned.SectorSize
+		norm, _, err := g.Normalize()
+		if err != nil {
+			return e.fail(usagef("%v", err), nil)
+		}
+		spec.zones = &norm
+	}
 	if !*quiet {
 		fmt.Fprintln(e.stdout, formattingLine(file, spec))
 	}
-	if err := image.Create(file, spec.opts); err != nil {
+	if geom == nil {
+		if err := image.Create(file, spec.opts); err != nil {
+			return e.fail(err, nil)
+		}
+		return exitOK
+	}
+	notes, err := zoned.CreateImage(file, spec.opts, *geom)
+	// Clamp notes go to stderr even with -q, like QEMU's messages: the
+	// image differs from what was asked.
+	for _, n := range notes {
+		e.errorf("note: %s", n)
+	}
+	if err != nil {
+		if errors.Is(err, zoned.ErrInvalidGeometry) {
+			return e.fail(usagef("%v", err), nil)
+		}
 		return e.fail(err, nil)
 	}
 	return exitOK
@@ -387,12 +570,20 @@ type infoJSON struct {
 }
 
 type qcow2InfoFields struct {
-	Compat          string `json:"compat"`
-	CompressionType string `json:"compression-type,omitempty"`
-	LazyRefcounts   bool   `json:"lazy-refcounts"`
-	RefcountBits    int    `json:"refcount-bits"`
-	Corrupt         bool   `json:"corrupt"`
-	ExtendedL2      bool   `json:"extended-l2"`
+	Compat          string         `json:"compat"`
+	CompressionType string         `json:"compression-type,omitempty"`
+	LazyRefcounts   bool           `json:"lazy-refcounts"`
+	RefcountBits    int            `json:"refcount-bits"`
+	Corrupt         bool           `json:"corrupt"`
+	ExtendedL2      bool           `json:"extended-l2"`
+	Zoned           *zonedInfoJSON `json:"zoned,omitempty"`
+}
+
+// zonedInfoJSON is the zone geometry in format-specific.data: the zone
+// model (zone.mode's value) and image.Zones' fields.
+type zonedInfoJSON struct {
+	Mode string `json:"mode"`
+	image.Zones
 }
 
 func compatString(version int) string {
@@ -447,6 +638,9 @@ func runImageInfo(e *env, args []string) int {
 			Corrupt:         info.Corrupt,
 			ExtendedL2:      info.ExtendedL2,
 		}
+		if info.Zones != nil {
+			j.FormatSpecific.Data.Zoned = &zonedInfoJSON{Mode: zoneModeHostManaged, Zones: *info.Zones}
+		}
 		return writeJSON(e, j)
 	}
 	w := e.stdout
@@ -466,11 +660,40 @@ func runImageInfo(e *env, args []string) int {
 		fmt.Fprintf(w, "    corrupt: %t\n", info.Corrupt)
 		fmt.Fprintf(w, "    extended l2: %t\n", info.ExtendedL2)
 	}
+	if z := info.Zones; z != nil {
+		fmt.Fprintf(w, "    zoned:\n")
+		fmt.Fprintf(w, "        zone model: %s\n", zoneModeHostManaged)
+		fmt.Fprintf(w, "        zone size: %s\n", exactSize(z.ZoneSize))
+		fmt.Fprintf(w, "        zone capacity: %s\n", exactSize(z.ZoneCapacity))
+		fmt.Fprintf(w, "        conventional zones: %d\n", z.ConventionalZones)
+		fmt.Fprintf(w, "        nr zones: %d\n", z.NrZones)
+		fmt.Fprintf(w, "        max open zones: %d\n", z.MaxOpenZones)
+		fmt.Fprintf(w, "        max active zones: %d\n", z.MaxActiveZones)
+		fmt.Fprintf(w, "        max append bytes: %s\n", exactSize(int64(z.MaxAppendBytes)))
+	}
 	if info.Dirty {
 		// qemu-img shows the dirty flag in JSON only; people need it too.
 		fmt.Fprintf(w, "    dirty: true\n")
 	}
 	return exitOK
+}
+
+// exactSize is sizeToStr ("16 MiB"), followed by the byte count when the
+// short form is rounded ("1000 KiB (1024000 bytes)" stays exact, "0.977
+// MiB" would not).
+func exactSize(v int64) string {
+	s := sizeToStr(v)
+	for i, u := range []string{" B", " KiB", " MiB", " GiB", " TiB", " PiB", " EiB"} {
+		num, ok := strings.CutSuffix(s, u)
+		if !ok {
+			continue
+		}
+		if n, err := strconv.ParseInt(num, 10, 64); err == nil && n<<(10*i) == v {
+			return s
+		}
+		break
+	}
+	return fmt.Sprintf("%s (%d bytes)", s, v)
 }
 
 // diskUsage is the space the file takes on its file system, as qemu-img's
@@ -585,6 +808,7 @@ func runImageCheck(e *env, args []string) int {
 		e.fail(err, nil)
 		return exitCheckError
 	}
+	checkZoneModel(img, first)
 	final := first
 	fixedLeaks, fixedCorruptions := int64(0), int64(0)
 	w := e.stdout
@@ -598,6 +822,7 @@ func runImageCheck(e *env, args []string) int {
 			e.fail(err, nil)
 			return exitCheckError
 		}
+		checkZoneModel(img, final)
 		fixedLeaks = max(0, leakCount(first)-leakCount(final))
 		fixedCorruptions = max(0, int64(len(first.Corruptions)-len(final.Corruptions)))
 		if human {
@@ -632,6 +857,20 @@ func runImageCheck(e *env, args []string) int {
 	}
 	printCheckSummary(w, final)
 	return code
+}
+
+// checkZoneModel adds to r, as a corruption, why the zone model refuses a
+// zoned image whose format is consistent (image.Check's business): a
+// geometry that zoned.Geometry.Normalize refuses, a write pointer that is
+// not a multiple of 512. zq-csi io and the CSI node cannot open such an
+// image, and a repair of the refcounts does not fix it.
+func checkZoneModel(img *image.Image, r *image.CheckResult) {
+	if _, ok := img.Zones(); !ok {
+		return
+	}
+	if _, err := zoned.OpenImage(img); err != nil {
+		r.Corruptions = append(r.Corruptions, fmt.Sprintf("ERROR zone model: %v", err))
+	}
 }
 
 // printProblems lists what a check found, one line each.

@@ -5,6 +5,12 @@ package main
 // command runs against it in order, and it is closed at the end. Like
 // qemu-io, a failed command does not stop the next ones, but the process
 // then exits 1.
+//
+// On a zoned image the session also opens a zoned.Device over it, and
+// reads, writes and the zone commands (cmd_io_zone.go) go through it: the
+// zone rules apply, and the open conditions of zones last as long as the
+// session, as in qemu-io. The device's failures print qemu-io's line on
+// stdout ("write failed: Invalid argument") and the cause on stderr.
 
 import (
 	"bufio"
@@ -15,9 +21,11 @@ import (
 	"io"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/zoned"
 )
 
 // maxIOBytes is qemu-io's limit for one read or write with a data buffer
@@ -33,10 +41,12 @@ const defaultWritePattern = 0xcd
 
 // ioSession is one open image and where the commands print.
 type ioSession struct {
-	img  *image.Image
-	out  io.Writer // command output (stdout)
-	errw io.Writer // error messages (stderr)
-	quit bool
+	img      *image.Image
+	dev      *zoned.Device // the zoned device over img; nil for a plain image
+	readOnly bool
+	out      io.Writer // command output (stdout)
+	errw     io.Writer // error messages (stderr)
+	quit     bool
 }
 
 // ioCommand is one qemu-io command.
@@ -46,14 +56,13 @@ type ioCommand struct {
 	opts     string // getopt letters, ':' after a letter taking an argument
 	synopsis string
 	minArgs  int
-	maxArgs  int
+	maxArgs  int // -1: no limit
 	help     string
 	run      func(s *ioSession, opts []opt, operands []string) error
 }
 
-// ioCommands is the command table. Zone commands (zone_report/zrp,
-// zone_open/zo, zone_close/zc, zone_finish/zf, zone_reset/zrs,
-// zone_append/zap) go here, with their run functions in cmd_io_zone.go.
+// ioCommands is the command table. The zone commands' run functions are
+// in cmd_io_zone.go.
 var ioCommands []*ioCommand
 
 func init() {
@@ -66,13 +75,31 @@ func init() {
 			help: "write len bytes at off filled with pattern (default 0xcd); -z writes zeroes, -u with -z may unmap, -f flushes after the write (FUA), -q prints no summary"},
 		{name: "discard", alias: "d", opts: "q", synopsis: "[-q] off len",
 			minArgs: 2, maxArgs: 2, run: ioDiscard,
-			help: "discard len bytes at off: they read as zeroes and their clusters are freed"},
+			help: "discard len bytes at off: they read as zeroes and their clusters are freed (on a zoned image: conventional zones only)"},
 		{name: "flush", alias: "f", synopsis: "", run: ioFlush,
 			help: "write data, metadata and refcounts to stable storage"},
 		{name: "map", synopsis: "", run: ioMap,
 			help: "list the allocated and unallocated ranges of the disk"},
 		{name: "length", alias: "l", synopsis: "", run: ioLength,
 			help: "print the virtual size"},
+		{name: "zone_report", alias: "zrp", synopsis: "off nr",
+			minArgs: 2, maxArgs: 2, run: ioZoneReport,
+			help: "report nr zones from the zone holding off: start, len, cap and wptr in 512-byte sectors, zcond and type"},
+		{name: "zone_open", alias: "zo", synopsis: "off len",
+			minArgs: 2, maxArgs: 2, run: ioZoneMgmt("zone open", (*zoned.Device).Open),
+			help: "explicitly open the zones in [off, off+len)"},
+		{name: "zone_close", alias: "zc", synopsis: "off len",
+			minArgs: 2, maxArgs: 2, run: ioZoneMgmt("zone close", (*zoned.Device).Close),
+			help: "close the open zones in [off, off+len)"},
+		{name: "zone_finish", alias: "zf", synopsis: "off len",
+			minArgs: 2, maxArgs: 2, run: ioZoneMgmt("zone finish", (*zoned.Device).Finish),
+			help: "finish the zones in [off, off+len): write pointer to the zone end, full"},
+		{name: "zone_reset", alias: "zrs", synopsis: "off len",
+			minArgs: 2, maxArgs: 2, run: ioZoneMgmt("zone reset", (*zoned.Device).Reset),
+			help: "reset the zones in [off, off+len) to empty (0 and the disk size: every zone)"},
+		{name: "zone_append", alias: "zap", opts: "pP:", synopsis: "[-p] [-P pattern] off len [len...]",
+			minArgs: 2, maxArgs: -1, run: ioZoneAppend,
+			help: "append the buffers of len bytes (pattern, default 0xcd) to the zone at off, in one request; -p prints the sector where the data landed"},
 		{name: "help", alias: "?", synopsis: "[command]", maxArgs: 1, run: ioHelp,
 			help: "list the commands, or explain one"},
 		{name: "quit", alias: "q", synopsis: "", run: func(s *ioSession, _ []opt, _ []string) error { s.quit = true; return nil },
@@ -110,9 +137,12 @@ func (s *ioSession) execute(line string) bool {
 		return false
 	}
 	opts, operands, err := getopt(words[1:], c.opts)
-	if err == nil && (len(operands) < c.minArgs || len(operands) > c.maxArgs) {
+	if err == nil && (len(operands) < c.minArgs || (c.maxArgs >= 0 && len(operands) > c.maxArgs)) {
 		want := fmt.Sprint(c.minArgs)
-		if c.maxArgs != c.minArgs {
+		switch {
+		case c.maxArgs < 0:
+			want = fmt.Sprintf("at least %d", c.minArgs)
+		case c.maxArgs != c.minArgs:
 			want = fmt.Sprintf("%d to %d", c.minArgs, c.maxArgs)
 		}
 		err = &ioUsageError{fmt.Sprintf("bad argument count %d, expected %s", len(operands), want)}
@@ -124,14 +154,40 @@ func (s *ioSession) execute(line string) bool {
 		return true
 	}
 	var ue *ioUsageError
+	var de *devError
 	switch {
 	case errors.Is(err, errReported):
+	case errors.As(err, &de):
+		fmt.Fprintf(s.out, "%s failed: %s\n", de.op, strerror(zoned.Errno(de.err)))
+		fmt.Fprintf(s.errw, "zq-csi: %s failed: %v\n", de.op, de.err)
 	case errors.As(err, &ue):
 		fmt.Fprintf(s.errw, "zq-csi: %s: %v\nusage: %s %s\n", c.name, err, c.name, c.synopsis)
 	default:
 		fmt.Fprintf(s.errw, "zq-csi: %v\n", err)
 	}
 	return false
+}
+
+// devError is a failure of the zoned device (or of a zone command on a
+// plain image). It prints as qemu-io prints a failed request, "<op>
+// failed: <strerror>" on stdout, with the errno zoned.Errno gives, and
+// then the cause on stderr.
+type devError struct {
+	op  string // "write", "zone open", ...
+	err error
+}
+
+func (e *devError) Error() string { return e.op + " failed: " + e.err.Error() }
+func (e *devError) Unwrap() error { return e.err }
+
+// strerror is C's strerror text for an errno: Go's text, which is glibc's
+// with a lower-case first letter.
+func strerror(e syscall.Errno) string {
+	s := e.Error()
+	if s != "" && s[0] >= 'a' && s[0] <= 'z' {
+		s = string(s[0]-'a'+'A') + s[1:]
+	}
+	return s
 }
 
 // parseOffLen parses the "off len" operands.
@@ -204,12 +260,20 @@ func ioRead(s *ioSession, opts []opt, operands []string) error {
 		n := min(length-done, int64(len(buf)))
 		p := buf[:n]
 		start := time.Now()
-		got, err := s.img.ReadAt(p, off+done)
+		var got int
+		if s.dev != nil {
+			got, err = s.dev.ReadAt(p, off+done)
+		} else {
+			got, err = s.img.ReadAt(p, off+done)
+		}
 		elapsed += time.Since(start)
 		if err == nil && int64(got) != n {
 			err = io.ErrUnexpectedEOF
 		}
 		if err != nil {
+			if s.dev != nil {
+				return &devError{"read", err}
+			}
 			return fmt.Errorf("read failed: %w", err)
 		}
 		if patternSet && !mismatch {
@@ -274,6 +338,9 @@ func ioWrite(s *ioSession, opts []opt, operands []string) error {
 	if !zero && length > maxIOBytes {
 		return &ioUsageError{fmt.Sprintf("length cannot exceed %d, given %s", maxIOBytes, operands[1])}
 	}
+	if s.dev != nil {
+		return s.devWrite(off, length, pattern, zero, unmap, fua, quiet)
+	}
 	start := time.Now()
 	if zero {
 		err = s.img.WriteZeroes(off, length, unmap)
@@ -309,6 +376,13 @@ func ioDiscard(s *ioSession, opts []opt, operands []string) error {
 		return err
 	}
 	start := time.Now()
+	if s.dev != nil {
+		// Only conventional zones can be discarded: a sequential zone's
+		// data goes with zone_reset.
+		if err := s.conventionalOnly("discard", off, length); err != nil {
+			return err
+		}
+	}
 	if err := s.img.Discard(off, length); err != nil {
 		return fmt.Errorf("discard failed: %w", err)
 	}
@@ -319,6 +393,12 @@ func ioDiscard(s *ioSession, opts []opt, operands []string) error {
 }
 
 func ioFlush(s *ioSession, _ []opt, _ []string) error {
+	if s.dev != nil {
+		if err := s.dev.Flush(); err != nil {
+			return &devError{"flush", err}
+		}
+		return nil
+	}
 	if err := s.img.Flush(); err != nil {
 		return fmt.Errorf("flush failed: %w", err)
 	}
@@ -399,6 +479,13 @@ Numbers (off, len) are bytes: decimal, 0x hexadecimal, or with a unit k, M,
 G, T, P, E (powers of 1024): 4k, 1.5M, 64MiB, 64Mi. Patterns are one byte:
 0xab, 171 or 0253.
 
+On a zoned image the session is one zoned device: writes to sequential
+zones must start at the write pointer and end within the zone capacity,
+reads past the write pointer return zeros, open/closed states last until
+the session ends, and the open/active limits apply. A refused request
+prints qemu-io's line ("write failed: Invalid argument") and its cause on
+stderr. Zone reports are in 512-byte sectors, as qemu-io prints them.
+
 Commands:
 `)
 	ioCommandList(w)
@@ -429,11 +516,11 @@ func runIO(e *env, args []string) int {
 			return e.fail(usagef("command %q not found (zq-csi io -h lists them)", w[0]), nil)
 		}
 	}
-	img, err := image.Open(operands[0], image.OpenOptions{ReadOnly: *readOnly})
+	img, dev, err := openSession(operands[0], *readOnly)
 	if err != nil {
 		return e.fail(err, nil)
 	}
-	s := &ioSession{img: img, out: e.stdout, errw: e.stderr}
+	s := &ioSession{img: img, dev: dev, readOnly: *readOnly, out: e.stdout, errw: e.stderr}
 	ok := true
 	if len(cmds) > 0 {
 		for _, c := range cmds {
@@ -445,7 +532,7 @@ func runIO(e *env, args []string) int {
 	} else {
 		ok = s.runScript(e.stdin) && ok
 	}
-	if err := img.Close(); err != nil {
+	if err := s.close(); err != nil {
 		e.fail(err, nil)
 		return exitFailure
 	}

@@ -1,0 +1,285 @@
+package main
+
+// zq-csi io on zoned images: the session's zoned.Device, reads and writes
+// through it, and qemu-io's zone commands (zone_report/zrp, zone_open/zo,
+// zone_close/zc, zone_finish/zf, zone_reset/zrs, zone_append/zap) with
+// qemu-io's syntax and output:
+//
+//	zrp 0 1   start: 0x18000, len 0x8000, cap 0x6000, wptr 0x18000, zcond:1, [type: 2]
+//	zap -p 48M 4k 4k
+//	          After zap done, the append sector is 0x18008
+//
+// Offsets and lengths are bytes (with the usual suffixes); reports are in
+// 512-byte sectors, in lower-case hexadecimal; zcond and type are decimal
+// (a full zone is zcond:14), as qemu-io prints them.
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"syscall"
+	"time"
+
+	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/zoned"
+)
+
+// errNotZoned: a zone command on a plain image. qemu-io says "Operation
+// not supported" there too.
+var errNotZoned = fmt.Errorf("%w: %w", zoned.ErrNotZoned, syscall.ENOTSUP)
+
+// openSession opens file for a session and, if it is zoned, its device.
+// A zoned image is validated read-only first: image.Open accepts some
+// geometries that the zone model refuses (zoned.OpenImage), and a
+// read-write image that is closed rewrites what it normalized on open (a
+// big-endian write-pointer table, for one), so a bad image must be
+// refused before anything can change its bytes.
+func openSession(file string, readOnly bool) (*image.Image, *zoned.Device, error) {
+	img, err := image.Open(file, image.OpenOptions{ReadOnly: true})
+	if err != nil {
+		return nil, nil, err
+	}
+	_, isZoned := img.Zones()
+	if isZoned {
+		if _, err := zoned.OpenImage(img); err != nil {
+			img.Close()
+			return nil, nil, fmt.Errorf("zoned image: %w", err)
+		}
+	}
+	if !readOnly {
+		if err := img.Close(); err != nil {
+			return nil, nil, err
+		}
+		if img, err = image.Open(file, image.OpenOptions{}); err != nil {
+			return nil, nil, err
+		}
+	}
+	if !isZoned {
+		return img, nil, nil
+	}
+	dev, err := zoned.OpenImage(img)
+	if err != nil {
+		img.Close()
+		return nil, nil, fmt.Errorf("zoned image: %w", err)
+	}
+	return img, dev, nil
+}
+
+// close ends the session: the device's flush (every write point durable
+// after its data), then the image's close.
+func (s *ioSession) close() error {
+	var err error
+	if s.dev != nil && !s.readOnly {
+		if err = s.dev.Flush(); err != nil {
+			err = fmt.Errorf("flush: %w", err)
+		}
+	}
+	return errors.Join(err, s.img.Close())
+}
+
+// devWrite is `write` on a zoned image: through the device, which checks
+// the write against the write pointer, the capacity and the limits.
+// Zeroes in conventional zones go to the image directly (unmapping with
+// -u), as the device sends them.
+func (s *ioSession) devWrite(off, length int64, pattern byte, zero, unmap, fua, quiet bool) error {
+	if s.readOnly {
+		return fmt.Errorf("write failed: %w", image.ErrReadOnly)
+	}
+	g := s.dev.Geometry()
+	convEnd := int64(g.ConventionalZones) * g.ZoneSize
+	start := time.Now()
+	var err error
+	if zero && off >= 0 && length >= 0 && off <= convEnd && length <= convEnd-off {
+		err = s.img.WriteZeroes(off, length, unmap)
+	} else if err = s.preflight(off, length); err == nil {
+		if zero {
+			pattern = 0
+		}
+		buf := bytes.Repeat([]byte{pattern}, int(max(0, min(length, ioChunk))))
+		for done := int64(0); done < length && err == nil; {
+			n := min(length-done, int64(len(buf)))
+			var got int
+			got, err = s.dev.WriteAt(buf[:n], off+done)
+			if err == nil && int64(got) != n {
+				err = fmt.Errorf("write at %#x: %w", off+done, io.ErrShortWrite)
+			}
+			done += n
+		}
+	}
+	if err == nil && fua {
+		err = s.dev.Flush()
+	}
+	elapsed := time.Since(start)
+	if err != nil {
+		return &devError{"write", err}
+	}
+	if !quiet {
+		printReport(s.out, "wrote", elapsed, off, length, length, 1)
+	}
+	return nil
+}
+
+// preflight refuses, before any data is written, a write longer than one
+// buffer (ioChunk) that the device would refuse as a whole: such a write
+// reaches the device in pieces, and a later piece must not be the first
+// to fail. The device checks everything else on the first piece.
+func (s *ioSession) preflight(off, n int64) error {
+	if n <= ioChunk {
+		return nil
+	}
+	g := s.dev.Geometry()
+	if off < 0 || off > g.Size || n > g.Size-off {
+		return fmt.Errorf("write at %#x+%#x, device size %#x: %w", off, n, g.Size, zoned.ErrWritePastEnd)
+	}
+	i, last := g.ZoneIndex(off), g.ZoneIndex(off+n-1)
+	if i < g.ConventionalZones {
+		if last >= g.ConventionalZones {
+			return fmt.Errorf("write at %#x+%#x: from conventional zone %d into sequential zone %d: %w",
+				off, n, i, last, zoned.ErrCrossesZone)
+		}
+		return nil
+	}
+	z, err := s.dev.ZoneAt(off)
+	if err != nil {
+		return err
+	}
+	switch {
+	case off%zoned.SectorSize != 0 || n%zoned.SectorSize != 0:
+		return fmt.Errorf("zone %d: write at %#x+%#x: not a multiple of %d: %w", i, off, n, zoned.SectorSize, zoned.ErrUnaligned)
+	case off+n > z.Start+z.Length:
+		return fmt.Errorf("zone %d: write at %#x+%#x: zone ends at %#x: %w", i, off, n, z.Start+z.Length, zoned.ErrCrossesZone)
+	case z.Cond != zoned.Full && off == z.WritePointer && off+n > z.Start+z.Capacity:
+		return fmt.Errorf("zone %d: write at %#x+%#x, capacity ends at %#x: %w", i, off, n, z.Start+z.Capacity, zoned.ErrBeyondCapacity)
+	}
+	return nil
+}
+
+// conventionalOnly refuses an operation (discard) on a zoned image that
+// reaches a sequential zone: their data goes only with zone_reset.
+// Ranges past the device end are left to the image to refuse.
+func (s *ioSession) conventionalOnly(op string, off, length int64) error {
+	g := s.dev.Geometry()
+	convEnd := int64(g.ConventionalZones) * g.ZoneSize
+	if off < 0 || length <= 0 || off >= g.Size || (off <= convEnd && length <= convEnd-off) {
+		return nil
+	}
+	return &devError{op, fmt.Errorf("%s at %#x+%#x reaches sequential zone %d: only conventional zones can be discarded (zone_reset empties a sequential zone): %w",
+		op, off, length, max(g.ZoneIndex(off), g.ConventionalZones), syscall.EOPNOTSUPP)}
+}
+
+// ioZoneReport is qemu-io's zone_report: nr zones from the zone holding
+// off, one line each, in 512-byte sectors.
+func ioZoneReport(s *ioSession, _ []opt, operands []string) error {
+	off, nr, err := parseOffLen(operands)
+	if err != nil {
+		return err
+	}
+	const op = "zone report"
+	if s.dev == nil {
+		return &devError{op, errNotZoned}
+	}
+	if _, err := s.dev.ZoneAt(off); err != nil {
+		return &devError{op, err}
+	}
+	first := s.dev.Geometry().ZoneIndex(off)
+	for _, z := range s.dev.Report(first, int(min(nr, math.MaxInt32))) {
+		fmt.Fprintf(s.out, "start: 0x%x, len 0x%x, cap 0x%x, wptr 0x%x, zcond:%d, [type: %d]\n",
+			z.Start/zoned.SectorSize, z.Length/zoned.SectorSize, z.Capacity/zoned.SectorSize,
+			z.WritePointer/zoned.SectorSize, z.Cond, z.Type)
+	}
+	return nil
+}
+
+// ioZoneMgmt makes the run function of a zone management command (open,
+// close, finish, reset), which prints nothing on success, as qemu-io.
+func ioZoneMgmt(op string, f func(d *zoned.Device, off, length int64) error) func(*ioSession, []opt, []string) error {
+	return func(s *ioSession, _ []opt, operands []string) error {
+		off, length, err := parseOffLen(operands)
+		if err != nil {
+			return err
+		}
+		if s.dev == nil {
+			return &devError{op, errNotZoned}
+		}
+		if s.readOnly {
+			return fmt.Errorf("%s failed: %w", op, image.ErrReadOnly)
+		}
+		if err := f(s.dev, off, length); err != nil {
+			return &devError{op, err}
+		}
+		return nil
+	}
+}
+
+// ioZoneAppend is qemu-io's zone_append: the buffers (each len bytes of
+// pattern) go to the zone at off in one append request; with -p it prints
+// the sector where the data landed. -P is zq-csi's: qemu-io always
+// writes 0xcd.
+func ioZoneAppend(s *ioSession, opts []opt, operands []string) error {
+	pattern, printSector := byte(defaultWritePattern), false
+	for _, o := range opts {
+		switch o.name {
+		case 'p':
+			printSector = true
+		case 'P':
+			p, err := ParsePattern(o.arg)
+			if err != nil {
+				return &ioUsageError{err.Error()}
+			}
+			pattern = p
+		}
+	}
+	off, err := ParseSize(operands[0])
+	if err != nil {
+		return &ioUsageError{fmt.Sprintf("offset: %v", err)}
+	}
+	lens := make([]int64, 0, len(operands)-1)
+	var total int64
+	for _, a := range operands[1:] {
+		n, err := ParseSize(a)
+		if err != nil {
+			return &ioUsageError{fmt.Sprintf("length: %v", err)}
+		}
+		if n > maxIOBytes {
+			return &ioUsageError{fmt.Sprintf("argument '%s' exceeds maximum size %d", a, maxIOBytes)}
+		}
+		if total > maxIOBytes-n {
+			return &ioUsageError{fmt.Sprintf("the total number of bytes exceeds the maximum size %d", maxIOBytes)}
+		}
+		lens, total = append(lens, n), total+n
+	}
+	const op = "zone append"
+	if s.dev == nil {
+		return &devError{op, errNotZoned}
+	}
+	if s.readOnly {
+		return fmt.Errorf("%s failed: %w", op, image.ErrReadOnly)
+	}
+	g := s.dev.Geometry()
+	for k, n := range lens {
+		if n%zoned.SectorSize != 0 {
+			return &devError{op, fmt.Errorf("append at %#x: buffer %d of %d bytes is not a multiple of %d: %w",
+				off, k+1, n, zoned.SectorSize, zoned.ErrUnaligned)}
+		}
+	}
+	if total > g.MaxAppendBytes {
+		// Do not allocate what the device refuses; let it name the
+		// zone's problem first, if there is one.
+		if i := g.ZoneIndex(off); i >= g.ConventionalZones && off%g.ZoneSize == 0 {
+			return &devError{op, fmt.Errorf("zone %d: append of %#x bytes, max_append_bytes %#x: %w",
+				i, total, g.MaxAppendBytes, zoned.ErrAppendTooLarge)}
+		}
+		_, err := s.dev.Append(nil, off)
+		return &devError{op, err}
+	}
+	pos, err := s.dev.Append(bytes.Repeat([]byte{pattern}, int(total)), off)
+	if err != nil {
+		return &devError{op, err}
+	}
+	if printSector {
+		fmt.Fprintf(s.out, "After zap done, the append sector is 0x%x\n", pos/zoned.SectorSize)
+	}
+	return nil
+}
