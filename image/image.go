@@ -50,7 +50,7 @@ type Image struct {
 	refTableOffset int64
 	refTableDirty  bool
 	cache          *tableCache
-	freeHint       int64 // no free cluster below it worth searching
+	freeHint       int64 // no cluster below it is free
 	highWater      int64 // first cluster past everything allocated
 	pendingFree    []clusterRun
 	// inflight holds, per guest cluster being allocated, a channel closed

@@ -442,3 +442,64 @@ func TestReadOnlyImageRefusesWrites(t *testing.T) {
 		t.Fatal("a read-only image wrote to its file")
 	}
 }
+
+// TestRefblockCreatedUnderCachePressureIsCountedFirst builds the case a
+// random crash test once found: an allocation run crosses into a range
+// without a refcount block while the cache is full of dirty L2 tables, so
+// the new block's creation is interrupted by a writeback. Every state a
+// sync makes durable must check without corruption.
+func TestRefblockCreatedUnderCachePressureIsCountedFirst(t *testing.T) {
+	const cs = 512 // refcount blocks of 256 clusters: range 1 starts at cluster 256
+	s := createMem(t, CreateOptions{Size: 1 << 20, ClusterSize: cs})
+	var bad []string
+	s.afterSync = func(durable []byte) {
+		img, err := OpenStorage(newMemStorage(durable), OpenOptions{ReadOnly: true})
+		if err != nil {
+			bad = append(bad, err.Error())
+			return
+		}
+		if res, err := img.Check(false); err != nil || len(res.Corruptions) > 0 {
+			bad = append(bad, fmt.Sprint(err, res.Corruptions))
+		}
+	}
+	img := openMem(t, s, OpenOptions{CacheSize: 16 * cs})
+	defer img.Close()
+	const region = 64 * cs // guest bytes one L2 table maps
+	write := func(off, n int64) {
+		if _, err := img.WriteAt(bytes.Repeat([]byte{0xee}, int(n)), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Clusters 0-3 are metadata; 15 regions of an L2 table and 14 data
+	// clusters each, then 21 more in region 0, bring the next free cluster
+	// to 250, six short of the range without a block.
+	for r := range int64(15) {
+		write(r*region, 14*cs)
+	}
+	write(14*cs, 21*cs)
+	if err := img.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if img.freeHint != 250 || len(img.cache.tables) != 16 {
+		t.Fatalf("setup: next free cluster %d, %d tables cached; the test needs 250 and 16", img.freeHint, len(img.cache.tables))
+	}
+	// Dirty all 15 L2 tables without touching a refcount: the cache is
+	// then full, its only clean table the block of range 0.
+	for r := range int64(15) {
+		if err := img.WriteZeroes(r*region, cs, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Ten new clusters: 250-259, across into range 1.
+	write(region+30*cs, 10*cs)
+	if err := img.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if img.refblockOffset(1) == 0 {
+		t.Fatal("range 1 got no refcount block: the test lost its point")
+	}
+	if len(bad) > 0 {
+		t.Fatalf("a sync left the image corrupt: %q", bad)
+	}
+	mustCheckClean(t, img)
+}

@@ -131,7 +131,7 @@ func (img *Image) addRefblock(bi int64) error {
 // clusters.
 func (img *Image) allocClusters(n int64) (int64, error) {
 	for {
-		start, err := img.findFree(n)
+		start, firstFree, err := img.findFree(n)
 		if err != nil {
 			return 0, err
 		}
@@ -145,20 +145,26 @@ func (img *Image) allocClusters(n int64) (int64, error) {
 		if bi, ok := img.missingRefblock(start, last); ok {
 			// The new block takes the run's first cluster. That cluster lies
 			// either in range bi, and the block counts itself, or in an
-			// earlier range, which has a block as bi is the first without.
-			// Either way no further block is needed to allocate it.
+			// earlier range, which has a block as bi is the first without;
+			// then it is counted there first, so that a writeback between
+			// the steps (the cache may need room) leaks it at worst, never
+			// leaves the table pointing at a cluster with refcount 0.
+			self := start/img.refblockEntries == bi
+			if !self {
+				if err := img.setRefcount(start, 1); err != nil {
+					return 0, err
+				}
+			}
 			t, err := img.newTable(start*img.clusterSize, kindRefblock)
 			if err != nil {
 				return 0, err
 			}
+			if self {
+				setRefcountEntry(t.data, start%img.refblockEntries, img.hdr.refcountBits(), 1)
+			}
 			img.refTable[bi] = uint64(start * img.clusterSize)
 			img.refTableDirty = true
 			img.highWater = max(img.highWater, start+1)
-			if start/img.refblockEntries == bi {
-				setRefcountEntry(t.data, start%img.refblockEntries, img.hdr.refcountBits(), 1)
-			} else if err := img.setRefcount(start, 1); err != nil {
-				return 0, err
-			}
 			continue
 		}
 		for c := start; c <= last; c++ {
@@ -166,7 +172,10 @@ func (img *Image) allocClusters(n int64) (int64, error) {
 				return 0, err
 			}
 		}
-		if start == img.freeHint {
+		// Nothing below firstFree is free; if the run began there, nothing
+		// below its end is.
+		img.freeHint = firstFree
+		if firstFree == start {
 			img.freeHint = start + n
 		}
 		img.highWater = max(img.highWater, start+n)
@@ -183,15 +192,17 @@ func (img *Image) missingRefblock(first, last int64) (int64, bool) {
 	return 0, false
 }
 
-// findFree returns the first run of n free clusters at or after freeHint.
-// During a repair, clusters the check found referenced count as used even
-// where their refcount says free.
-func (img *Image) findFree(n int64) (int64, error) {
-	start, run := img.freeHint, int64(0)
+// findFree returns the first run of n free clusters at or after freeHint,
+// and the first free cluster it saw, which may lie before the run (in a
+// gap too short for it). During a repair, clusters the check found
+// referenced count as used even where their refcount says free.
+func (img *Image) findFree(n int64) (start, firstFree int64, err error) {
+	run := int64(0)
+	firstFree = -1
 	for c := img.freeHint; ; c++ {
 		rc, err := img.refcount(c)
 		if err != nil {
-			return 0, err
+			return 0, 0, err
 		}
 		if rc == 0 && img.repairRefs != nil && c < int64(len(img.repairRefs)) && img.repairRefs[c] != 0 {
 			rc = 1
@@ -200,11 +211,14 @@ func (img *Image) findFree(n int64) (int64, error) {
 			run = 0
 			continue
 		}
+		if firstFree < 0 {
+			firstFree = c
+		}
 		if run == 0 {
 			start = c
 		}
 		if run++; run == n {
-			return start, nil
+			return start, firstFree, nil
 		}
 	}
 }

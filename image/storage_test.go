@@ -25,6 +25,8 @@ type memStorage struct {
 	cutAt, calls int
 	cutRand      *rand.Rand
 	cut          []byte
+	// afterSync, if set, sees the file as each Sync leaves it durable.
+	afterSync func(durable []byte)
 }
 
 // mutating counts a call that changes the file and takes the cut if it is
@@ -101,6 +103,9 @@ func (m *memStorage) Sync() error {
 	if len(m.pending) > 0 {
 		m.durable = append(m.durable[:0], m.current...)
 		m.pending = nil
+	}
+	if m.afterSync != nil {
+		m.afterSync(append([]byte(nil), m.durable...))
 	}
 	return nil
 }

@@ -198,84 +198,112 @@ func TestWritePointersPersistAndBigEndianTablesAreRewritten(t *testing.T) {
 	img.Close()
 }
 
-// TestCrashNeverLeavesAWritePointerPastDurableData writes zones
-// sequentially, recording each write pointer once its data is written, with
-// power cuts at random file calls: after the cut every zone's data below its
-// write pointer must be exactly what was written there.
-func TestCrashNeverLeavesAWritePointerPastDurableData(t *testing.T) {
-	cuts := crashCuts(1000)
-	r := rand.New(rand.NewPCG(3, 4))
-	for cut := range cuts {
-		opts := zonedOpts()
-		opts.ClusterSize = []int{512, 4096, 65536}[cut%3]
-		s := createMem(t, opts)
-		img := openMem(t, s, OpenOptions{CacheSize: int64(opts.ClusterSize) * 16})
-		s.mu.Lock()
-		s.cutAt, s.calls, s.cutRand = 1+r.IntN(300), 0, r
-		s.mu.Unlock()
-		const zs = 4 << 20
-		wp := make([]int64, 16)
-		for i := range wp {
-			wp[i] = int64(i) * zs
-		}
-		pattern := func(off int64) byte { return byte(off/512*7 + 1) }
-		for op := 0; op < 80 && !s.hasCut(); op++ {
-			zone := 2 + r.IntN(14)
-			switch k := r.IntN(10); {
-			case k < 7:
-				n := min(int64(512*(1+r.IntN(300))), int64(zone)*zs+3<<20-wp[zone])
-				if n == 0 {
-					continue
-				}
-				p := make([]byte, n)
-				for i := range p {
-					p[i] = pattern(wp[zone] + int64(i))
-				}
-				if _, err := img.WriteAt(p, wp[zone]); err != nil {
-					t.Fatal(err)
-				}
-				wp[zone] += n
-				img.SetWritePointer(zone, wp[zone])
-			case k < 8:
-				// Reset: the pointer goes back and is durable before the
-				// clusters are freed (spec section 6), as package zoned does.
-				wp[zone] = int64(zone) * zs
-				img.SetWritePointer(zone, wp[zone])
-				if img.Flush() != nil || img.WriteZeroes(int64(zone)*zs, zs, true) != nil {
-					t.Fatal("reset failed")
-				}
-			default:
-				if err := img.Flush(); err != nil {
-					t.Fatal(err)
-				}
+const workloadZoneSize = 4 << 20
+
+func workloadPattern(off int64) byte { return byte(off/512*7 + 1) }
+
+// zoneWorkload writes zones of a new zoned image sequentially, recording
+// each write pointer once its data is written, with resets and flushes, all
+// chosen by seed. With cutAt > 0 a power cut comes before the file's
+// cutAt-th write or sync, and the workload stops there. It returns what is
+// on disk after the cut (or a random crash at the end) and how many file
+// calls the workload made.
+func zoneWorkload(t *testing.T, seed uint64, clusterSize, cutAt int) ([]byte, int) {
+	t.Helper()
+	r := rand.New(rand.NewPCG(3, seed))
+	opts := zonedOpts()
+	opts.ClusterSize = clusterSize
+	s := createMem(t, opts)
+	// A cache of 16 tables makes writebacks happen inside operations.
+	img := openMem(t, s, OpenOptions{CacheSize: int64(clusterSize) * 16})
+	defer img.Close()
+	s.mu.Lock()
+	s.cutAt, s.calls, s.cutRand = cutAt, 0, rand.New(rand.NewPCG(4, seed))
+	s.mu.Unlock()
+	const zs = workloadZoneSize
+	wp := make([]int64, 16)
+	for i := range wp {
+		wp[i] = int64(i) * zs
+	}
+	for op := 0; op < 80 && !s.hasCut(); op++ {
+		zone := 2 + r.IntN(14)
+		switch k := r.IntN(10); {
+		case k < 7:
+			n := min(int64(512*(1+r.IntN(300))), int64(zone)*zs+3<<20-wp[zone])
+			if n == 0 {
+				continue
 			}
-		}
-		crashed := s.cut
-		if crashed == nil {
-			crashed = s.crash(r)
-		}
-		img2, err := OpenStorage(newMemStorage(crashed), OpenOptions{ReadOnly: true})
-		if err != nil {
-			t.Fatalf("cut %d: crashed image does not open: %v", cut, err)
-		}
-		if res, err := img2.Check(false); err != nil || len(res.Corruptions) > 0 {
-			t.Fatalf("cut %d: check: %v %q", cut, err, res.Corruptions)
-		}
-		for zone, w := range img2.WritePointers()[2:] {
-			zone += 2
-			start := int64(zone) * zs
-			got := make([]byte, w-start)
-			if _, err := img2.ReadAt(got, start); err != nil {
+			p := make([]byte, n)
+			for i := range p {
+				p[i] = workloadPattern(wp[zone] + int64(i))
+			}
+			if _, err := img.WriteAt(p, wp[zone]); err != nil {
 				t.Fatal(err)
 			}
-			for i := range got {
-				if got[i] != pattern(start+int64(i)) {
-					t.Fatalf("cut %d (clusters %d): zone %d: write pointer %#x, but byte %#x is %#x, not the data written there",
-						cut, opts.ClusterSize, zone, w, start+int64(i), got[i])
-				}
+			wp[zone] += n
+			img.SetWritePointer(zone, wp[zone])
+		case k < 8:
+			// Reset: the pointer goes back and is durable before the
+			// clusters are freed (spec section 6), as package zoned does.
+			wp[zone] = int64(zone) * zs
+			img.SetWritePointer(zone, wp[zone])
+			if img.Flush() != nil || img.WriteZeroes(int64(zone)*zs, zs, true) != nil {
+				t.Fatal("reset failed")
+			}
+		default:
+			if err := img.Flush(); err != nil {
+				t.Fatal(err)
 			}
 		}
-		img.Close()
+	}
+	s.mu.Lock()
+	calls := s.calls
+	s.mu.Unlock()
+	if s.cut != nil {
+		return s.cut, calls
+	}
+	return s.crash(r), calls
+}
+
+// checkCrashed opens a crashed image and checks it: no corruption (leaks
+// are allowed), and every zone's data below its write pointer exactly what
+// was written there.
+func checkCrashed(t *testing.T, crashed []byte, what string) {
+	t.Helper()
+	img, err := OpenStorage(newMemStorage(crashed), OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatalf("%s: crashed image does not open: %v", what, err)
+	}
+	if res, err := img.Check(false); err != nil || len(res.Corruptions) > 0 {
+		t.Fatalf("%s: check: %v %q", what, err, res.Corruptions)
+	}
+	for zone, w := range img.WritePointers()[2:] {
+		zone += 2
+		start := int64(zone) * workloadZoneSize
+		got := make([]byte, w-start)
+		if _, err := img.ReadAt(got, start); err != nil {
+			t.Fatal(err)
+		}
+		for i := range got {
+			if got[i] != workloadPattern(start+int64(i)) {
+				t.Fatalf("%s: zone %d: write pointer %#x, but byte %#x is %#x, not the data written there",
+					what, zone, w, start+int64(i), got[i])
+			}
+		}
+	}
+}
+
+// TestCrashNeverLeavesAWritePointerPastDurableData cuts power at a random
+// file call of random zone workloads.
+func TestCrashNeverLeavesAWritePointerPastDurableData(t *testing.T) {
+	for cut := range crashCuts(600) {
+		if only := os.Getenv("ZQ_CRASH_CUT"); only != "" && only != fmt.Sprint(cut) {
+			continue // ZQ_CRASH_CUT=N replays cut N alone: each has its own seed
+		}
+		cs := []int{512, 4096, 65536}[cut%3]
+		cutAt := 1 + rand.New(rand.NewPCG(5, uint64(cut))).IntN(300)
+		crashed, _ := zoneWorkload(t, uint64(cut), cs, cutAt)
+		checkCrashed(t, crashed, fmt.Sprintf("cut %d (%d-byte clusters, before file call %d)", cut, cs, cutAt))
 	}
 }
 
