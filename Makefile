@@ -82,6 +82,8 @@ lint:
 
 bench:
 	$(GO) test -run='^$$' -bench=. -benchmem ./... | tee bench.txt
+	@echo "== ratios to the peer measured in the same run"
+	@bash scripts/bench-ratios.sh bench.txt
 
 # go test -fuzz takes one target of one package at a time: list them all.
 fuzz:
@@ -96,10 +98,10 @@ fuzz:
 # under the race detector; `make test` also runs them at their default
 # (about 2,000 cuts in all) without it; `make crash` runs CRASH_CUTS each.
 crash-default:
-	$(GO) test -count=1 -run 'Crash' ./image/ ./zoned/
+	$(GO) test -count=1 -run 'Crash' ./image/
 
 crash:
-	ZQ_CRASH_CUTS=$(CRASH_CUTS) $(GO) test -count=1 -timeout 15m -run 'Crash' ./image/ ./zoned/
+	ZQ_CRASH_CUTS=$(CRASH_CUTS) $(GO) test -count=1 -timeout 15m -run 'Crash' ./image/
 
 demo: deps build
 	bash scripts/demo.sh $(BIN)

@@ -187,6 +187,7 @@ func (img *Image) preallocate() error {
 		if err != nil {
 			return err
 		}
+		t.pins++ // allocClusters below may evict
 		c, err := img.allocClusters(n)
 		if err != nil {
 			t.pins--

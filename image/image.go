@@ -332,8 +332,9 @@ func (img *Image) l1Index(off int64) (l1i, l2i, in int64) {
 	return c / img.l2Entries, c % img.l2Entries, off % img.clusterSize
 }
 
-// l2Table returns the L2 table for L1 entry l1i, pinned, or nil if there is
-// none and alloc is false. The caller unpins it.
+// l2Table returns the L2 table for L1 entry l1i, or nil if there is none
+// and alloc is false. A caller that goes on to other table accesses (which
+// may evict) while it holds the table pins it first.
 func (img *Image) l2Table(l1i int64, alloc bool) (*table, error) {
 	e := img.l1[l1i]
 	off := int64(e & offsetMask)
@@ -360,7 +361,6 @@ func (img *Image) l2Table(l1i int64, alloc bool) (*table, error) {
 	if err != nil {
 		return nil, err
 	}
-	t.pins++
 	return t, nil
 }
 
@@ -380,7 +380,6 @@ func (img *Image) lookup(off int64) (mapping, error) {
 	if err != nil || t == nil {
 		return mapping{kind: mapZero, n: img.clusterSize - in}, err
 	}
-	defer func() { t.pins-- }()
 	return img.classify(img.l2Get(t, l2i), in)
 }
 
@@ -519,6 +518,7 @@ func (img *Image) writeRun(p []byte, off int64) (int, error) {
 		img.mu.Unlock()
 		return 0, err
 	}
+	t.pins++ // allocClusters below may evict
 	// Clusters of p inside this L2 table.
 	span := min((in+int64(len(p))+img.clusterSize-1)/img.clusterSize, img.l2Entries-l2i)
 
@@ -609,7 +609,6 @@ func (img *Image) writeRun(p []byte, off int64) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	defer func() { t.pins-- }()
 	for i := range k {
 		img.l2Set(t, l2i+i, img.dataEntry(host+i*img.clusterSize))
 		if !reuse {
@@ -748,7 +747,6 @@ func (img *Image) replaceEntries(off, end int64, replace func(l2Entry) l2Entry) 
 	if err != nil || t == nil {
 		return n, err // no L2 table: unallocated, reads as zeros already
 	}
-	defer func() { t.pins-- }()
 	for i := range n / img.clusterSize {
 		if _, err := img.classify(img.l2Get(t, l2i+i), 0); err != nil {
 			return 0, fmt.Errorf("L2 entry %d of L1 entry %d: %w", l2i+i, l1i, err) // change nothing

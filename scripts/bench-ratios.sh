@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# bench-ratios.sh BENCH-OUTPUT: the ratio of each benchmark's subject to
+# its peer measured in the same run (qcow2 against raw file I/O, the zoned
+# Device against plain image writes), from the MB/s columns of `go test
+# -bench` output. A ratio of 1.00 means as fast as the peer.
+set -euo pipefail
+awk '
+/^Benchmark.*MB\/s/ {
+	name = $1; sub(/-[0-9]+$/, "", name)
+	n = split(name, part, "/")
+	if (n < 2) next
+	group = part[1]; sub_ = part[2]
+	for (i = 1; i <= NF; i++) if ($(i) == "MB/s") speed[group, sub_] = $(i - 1)
+	groups[group] = 1
+}
+END {
+	for (g in groups) {
+		if ((g, "qcow2") in speed && (g, "raw") in speed)
+			printf "%-40s qcow2/raw     %.2f\n", g, speed[g, "qcow2"] / speed[g, "raw"]
+		if ((g, "device") in speed && (g, "plain") in speed)
+			printf "%-40s device/plain  %.2f\n", g, speed[g, "device"] / speed[g, "plain"]
+	}
+}' "$1" | sort
