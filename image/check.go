@@ -174,8 +174,11 @@ func (img *Image) readsData(e l2Entry) bool {
 	return e.std&flagZero == 0
 }
 
-// walkL2 calls fn for every L2 table the L1 table points at validly.
+// walkL2 calls fn for every L2 table the L1 table points at validly, once:
+// L1 entries sharing a table are reported, not walked again, so a hostile
+// L1 table cannot make a check take forever.
 func (img *Image) walkL2(fn func(l1i int64, t *table), corrupt *report) error {
+	seen := make(map[int64]int)
 	for l1i, e := range img.l1 {
 		off := int64(e & offsetMask)
 		if e&l1Reserved != 0 {
@@ -192,6 +195,11 @@ func (img *Image) walkL2(fn func(l1i int64, t *table), corrupt *report) error {
 			corrupt.add("L1 entry %d: L2 table at %#x is past the end of the file", l1i, off)
 			continue
 		}
+		if first, ok := seen[off]; ok {
+			corrupt.add("L1 entries %d and %d share the L2 table at %#x", first, l1i, off)
+			continue
+		}
+		seen[off] = l1i
 		t, err := img.table(off, kindL2)
 		if err != nil {
 			return err

@@ -373,12 +373,13 @@ func (img *Image) setL1(i int64, v uint64) {
 	img.l1DirtyLo, img.l1DirtyHi = min(img.l1DirtyLo, i), max(img.l1DirtyHi, i+1)
 }
 
-// lookup maps the guest bytes at off, within one cluster.
+// lookup maps the guest bytes at off, within one cluster or, where no L2
+// table exists, up to the end of the range that table would map.
 func (img *Image) lookup(off int64) (mapping, error) {
 	l1i, l2i, in := img.l1Index(off)
 	t, err := img.l2Table(l1i, false)
 	if err != nil || t == nil {
-		return mapping{kind: mapZero, n: img.clusterSize - in}, err
+		return mapping{kind: mapZero, n: (img.l2Entries-l2i)*img.clusterSize - in}, err
 	}
 	return img.classify(img.l2Get(t, l2i), in)
 }

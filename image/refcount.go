@@ -61,14 +61,23 @@ func (img *Image) refblockOffset(bi int64) int64 {
 	return int64(img.refTable[bi] &^ 0x1ff)
 }
 
+// refblock returns the refcount block of block index bi, or nil when the
+// range has none.
+func (img *Image) refblock(bi int64) (*table, error) {
+	off := img.refblockOffset(bi)
+	if off == 0 {
+		return nil, nil
+	}
+	if off%img.clusterSize != 0 || uint64(off) > offsetMask {
+		return nil, fmt.Errorf("refcount table entry %d: block offset %#x is not a cluster-aligned offset: %w", bi, off, ErrCorrupt)
+	}
+	return img.table(off, kindRefblock)
+}
+
 // refcount returns cluster c's refcount.
 func (img *Image) refcount(c int64) (uint64, error) {
-	off := img.refblockOffset(c / img.refblockEntries)
-	if off == 0 {
-		return 0, nil
-	}
-	t, err := img.table(off, kindRefblock)
-	if err != nil {
+	t, err := img.refblock(c / img.refblockEntries)
+	if err != nil || t == nil {
 		return 0, err
 	}
 	return getRefcountEntry(t.data, c%img.refblockEntries, img.hdr.refcountBits()), nil
@@ -89,7 +98,7 @@ func (img *Image) setRefcount(c int64, v uint64) error {
 			return err
 		}
 	}
-	t, err := img.table(img.refblockOffset(bi), kindRefblock)
+	t, err := img.refblock(bi)
 	if err != nil {
 		return err
 	}

@@ -50,6 +50,9 @@ func newMemStorage(b []byte) *memStorage {
 func (m *memStorage) ReadAt(p []byte, off int64) (int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if off < 0 {
+		return 0, fmt.Errorf("read at negative offset %d", off)
+	}
 	if off >= int64(len(m.current)) {
 		return 0, io.EOF
 	}
