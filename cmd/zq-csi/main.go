@@ -3,9 +3,10 @@
 //
 //	zq-csi image create|info|check ...   qemu-img-like image tools
 //	zq-csi io [-r] [-c CMD]... FILE       qemu-io-like I/O on one image
+//	zq-csi export [--socket P|--tcp A] FILE  qemu-nbd-like NBD export
 //
 // Planned, each in its own file registering in the subcommands table:
-// serve (the CSI services), export (qemu-nbd-like), attach and detach.
+// serve (the CSI services), attach and detach.
 //
 // Exit codes: 0 success, 1 failure, 2 usage error; `image check` uses
 // qemu-img check's codes (see cmd_image.go).
@@ -34,6 +35,7 @@ type subcommand struct {
 var subcommands = []subcommand{
 	{"image", "create, inspect and check qcow2 images (like qemu-img)", runImage},
 	{"io", "run I/O commands on an image (like qemu-io)", runIO},
+	{"export", "serve an image over NBD (like qemu-nbd)", runExport},
 }
 
 // env is what a subcommand talks to: its output streams and its name for
