@@ -235,91 +235,43 @@ var createOptions = []createOption{
 		},
 		show: func(s *createSpec) (string, bool) { return zoneModeHostManaged, s.zones != nil },
 	},
-	{
-		key:  "zone.size",
-		help: "bytes per zone, a power of two (default 256M)",
-		set: func(s *createSpec, v string) error {
-			n, err := ParseSize(v)
-			s.zoneGeom.ZoneSize = n
-			return err
-		},
-		show: func(s *createSpec) (string, bool) {
-			return showZone(s, func(g *zoned.Geometry) int64 { return g.ZoneSize })
-		},
-	},
-	{
-		key:  "zone.capacity",
-		help: "writable bytes per zone, at most zone.size (default zone.size)",
-		set: func(s *createSpec, v string) error {
-			n, err := ParseSize(v)
-			s.zoneGeom.ZoneCapacity = n
-			return err
-		},
-		show: func(s *createSpec) (string, bool) {
-			return showZone(s, func(g *zoned.Geometry) int64 { return g.ZoneCapacity })
-		},
-	},
-	{
-		key:  "zone.conventional_zones",
-		help: "number of conventional (randomly writable) zones at the start (default 0)",
-		set: func(s *createSpec, v string) error {
-			n, err := parseCount(v)
-			s.zoneGeom.ConventionalZones = n
-			return err
-		},
-		show: func(s *createSpec) (string, bool) {
-			return showZone(s, func(g *zoned.Geometry) int64 { return int64(g.ConventionalZones) })
-		},
-	},
-	{
-		key:  "zone.max_open_zones",
-		help: "limit on open zones, 0 for none (default: zone.max_active_zones)",
-		set: func(s *createSpec, v string) error {
-			n, err := parseCount(v)
-			s.zoneGeom.MaxOpenZones = n
-			return err
-		},
-		show: func(s *createSpec) (string, bool) {
-			return showZone(s, func(g *zoned.Geometry) int64 { return int64(g.MaxOpenZones) })
-		},
-	},
-	{
-		key:  "zone.max_active_zones",
-		help: "limit on open + closed zones, 0 for none (default 0)",
-		set: func(s *createSpec, v string) error {
-			n, err := parseCount(v)
-			s.zoneGeom.MaxActiveZones = n
-			return err
-		},
-		show: func(s *createSpec) (string, bool) {
-			return showZone(s, func(g *zoned.Geometry) int64 { return int64(g.MaxActiveZones) })
-		},
-	},
-	{
-		key:  "zone.max_append_bytes",
-		help: "largest zone append, a multiple of 512 below zone.capacity - 512 (default 64k)",
-		set: func(s *createSpec, v string) error {
-			n, err := ParseSize(v)
-			s.zoneGeom.MaxAppendBytes = n
-			return err
-		},
-		show: func(s *createSpec) (string, bool) {
-			return showZone(s, func(g *zoned.Geometry) int64 { return g.MaxAppendBytes })
-		},
-	},
+	zoneOption("zone.size", "bytes per zone, a power of two (default 256M)", ParseSize,
+		func(g *zoned.Geometry) *int64 { return &g.ZoneSize }),
+	zoneOption("zone.capacity", "writable bytes per zone, at most zone.size (default zone.size)", ParseSize,
+		func(g *zoned.Geometry) *int64 { return &g.ZoneCapacity }),
+	zoneOption("zone.conventional_zones", "number of conventional (randomly writable) zones at the start (default 0)", parseCount,
+		func(g *zoned.Geometry) *int { return &g.ConventionalZones }),
+	zoneOption("zone.max_open_zones", "limit on open zones, 0 for none (default: zone.max_active_zones)", parseCount,
+		func(g *zoned.Geometry) *int { return &g.MaxOpenZones }),
+	zoneOption("zone.max_active_zones", "limit on open + closed zones, 0 for none (default 0)", parseCount,
+		func(g *zoned.Geometry) *int { return &g.MaxActiveZones }),
+	zoneOption("zone.max_append_bytes", "largest zone append, a multiple of 512 below zone.capacity - 512 (default 64k)", ParseSize,
+		func(g *zoned.Geometry) *int64 { return &g.MaxAppendBytes }),
 }
 
 // zoneModeHostManaged is the one zone.mode value: QEMU's zoned qcow2
 // images are host-managed.
 const zoneModeHostManaged = "host-managed"
 
-// showZone shows one value of the zone geometry the image gets, in the
-// Formatting line of a zoned image.
-func showZone(s *createSpec, field func(*zoned.Geometry) int64) (string, bool) {
-	if s.zones == nil {
-		return "", false
+// zoneOption is a zone.* key holding one field of the geometry: set
+// records the value given, the Formatting line shows the value the image
+// gets (defaults and clamps applied).
+func zoneOption[T int | int64](key, help string, parse func(string) (T, error), field func(*zoned.Geometry) *T) createOption {
+	return createOption{
+		key:  key,
+		help: help,
+		set: func(s *createSpec, v string) error {
+			n, err := parse(v)
+			*field(&s.zoneGeom) = n
+			return err
+		},
+		show: func(s *createSpec) (string, bool) {
+			if s.zones == nil {
+				return "", false
+			}
+			return fmt.Sprint(*field(s.zones)), true
+		},
 	}
-	return fmt.Sprint(field(s.zones)), true
 }
 
 // parseCount parses a zone count option: a decimal or 0x hexadecimal
