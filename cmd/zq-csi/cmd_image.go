@@ -547,24 +547,12 @@ func compatString(version int) string {
 
 func runImageInfo(e *env, args []string) int {
 	fs := newFlagSet(e.prog)
-	format := fs.String("f", "qcow2", "image format (only qcow2)")
 	output := &choiceFlag{val: "human", choices: []string{"human", "json"}}
 	fs.Var(output, "output", "human or json")
-	operands, err := parseInterspersed(fs, args)
-	if errors.Is(err, flag.ErrHelp) {
-		infoUsage(e.stdout)
-		return exitOK
+	file, code, done := e.parseFileOperand(fs, args, infoUsage)
+	if done {
+		return code
 	}
-	if err == nil {
-		err = checkFormat(*format)
-	}
-	if err == nil && len(operands) != 1 {
-		err = usagef("expected one FILE, got %d operands", len(operands))
-	}
-	if err != nil {
-		return e.fail(err, infoUsage)
-	}
-	file := operands[0]
 	img, err := image.Open(file, image.OpenOptions{ReadOnly: true})
 	if err != nil {
 		return e.fail(err, nil)
@@ -723,27 +711,15 @@ func checkExitCode(r *image.CheckResult) int {
 
 func runImageCheck(e *env, args []string) int {
 	fs := newFlagSet(e.prog)
-	format := fs.String("f", "qcow2", "image format (only qcow2)")
 	repair := fs.Bool("repair", false, "repair the refcounts")
 	repairMode := &choiceFlag{choices: []string{"leaks", "all"}}
 	fs.Var(repairMode, "r", "repair: leaks or all (both rebuild the refcounts)")
 	output := &choiceFlag{val: "human", choices: []string{"human", "json"}}
 	fs.Var(output, "output", "human or json")
-	operands, err := parseInterspersed(fs, args)
-	if errors.Is(err, flag.ErrHelp) {
-		checkUsage(e.stdout)
-		return exitOK
+	file, exit, done := e.parseFileOperand(fs, args, checkUsage)
+	if done {
+		return exit
 	}
-	if err == nil {
-		err = checkFormat(*format)
-	}
-	if err == nil && len(operands) != 1 {
-		err = usagef("expected one FILE, got %d operands", len(operands))
-	}
-	if err != nil {
-		return e.fail(err, checkUsage)
-	}
-	file := operands[0]
 	doRepair := *repair || repairMode.val != ""
 	img, err := image.Open(file, image.OpenOptions{ReadOnly: !doRepair})
 	if err != nil {

@@ -16,7 +16,6 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -494,29 +493,18 @@ Commands:
 func runIO(e *env, args []string) int {
 	fs := newFlagSet(e.prog)
 	readOnly := fs.Bool("r", false, "open read-only")
-	format := fs.String("f", "qcow2", "image format (only qcow2)")
 	var cmds listFlag
 	fs.Var(&cmds, "c", "command to run")
-	operands, err := parseInterspersed(fs, args)
-	if errors.Is(err, flag.ErrHelp) {
-		ioUsage(e.stdout)
-		return exitOK
-	}
-	if err == nil {
-		err = checkFormat(*format)
-	}
-	if err == nil && len(operands) != 1 {
-		err = usagef("expected one FILE, got %d operands", len(operands))
-	}
-	if err != nil {
-		return e.fail(err, ioUsage)
+	file, code, done := e.parseFileOperand(fs, args, ioUsage)
+	if done {
+		return code
 	}
 	for _, c := range cmds {
 		if w := SplitCommandLine(c); len(w) > 0 && findIOCommand(w[0]) == nil {
 			return e.fail(usagef("command %q not found (zq-csi io -h lists them)", w[0]), nil)
 		}
 	}
-	img, dev, err := openSession(operands[0], *readOnly)
+	img, dev, err := openSession(file, *readOnly)
 	if err != nil {
 		return e.fail(err, nil)
 	}

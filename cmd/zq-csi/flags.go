@@ -66,3 +66,26 @@ func (c *choiceFlag) Set(s string) error {
 	}
 	return fmt.Errorf("must be one of %s", strings.Join(c.choices, ", "))
 }
+
+// parseFileOperand parses the flags of a command on one image, adding the
+// -f FORMAT flag they all take (qemu-img's; only qcow2), and its one FILE
+// operand. done is true when the command has nothing more to do: help was
+// shown (code exitOK) or the arguments were wrong and that was reported.
+func (e *env) parseFileOperand(fs *flag.FlagSet, args []string, usage func(io.Writer)) (file string, code int, done bool) {
+	format := fs.String("f", "qcow2", "image format (only qcow2)")
+	operands, err := parseInterspersed(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		usage(e.stdout)
+		return "", exitOK, true
+	}
+	if err == nil {
+		err = checkFormat(*format)
+	}
+	if err == nil && len(operands) != 1 {
+		err = usagef("expected one FILE, got %d operands", len(operands))
+	}
+	if err != nil {
+		return "", e.fail(err, usage), true
+	}
+	return operands[0], exitOK, false
+}
