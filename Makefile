@@ -18,7 +18,7 @@ STATICCHECK := $(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSIO
 # Each fuzz target runs this long in `make fuzz`.
 FUZZTIME ?= 15s
 
-# Power cuts per crash test in `make crash` (the tests' defaults are 500 and 1000;
+# Power cuts per crash test in `make crash` (the tests' defaults are 500 and 600;
 # 5000 takes about 5 minutes on a 2-core machine).
 CRASH_CUTS ?= 5000
 
@@ -96,7 +96,7 @@ fuzz:
 
 # The crash tests read ZQ_CRASH_CUTS. `make unit` runs them scaled down
 # under the race detector; `make test` also runs them at their default
-# (about 2,000 cuts in all) without it; `make crash` runs CRASH_CUTS each.
+# (about 1,600 cuts in all) without it; `make crash` runs CRASH_CUTS each.
 crash-default:
 	$(GO) test -count=1 -run 'Crash' ./image/
 
