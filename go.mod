@@ -2,7 +2,4 @@ module github.com/zq-csi/zq-csi
 
 go 1.26.0
 
-require (
-	github.com/stretchr/testify v1.12.1 // indirect
-	golang.org/x/sys v0.50.0 // indirect
-)
+require golang.org/x/sys v0.50.0

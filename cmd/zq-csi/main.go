@@ -4,9 +4,11 @@
 //	zq-csi image create|info|check ...   qemu-img-like image tools
 //	zq-csi io [-r] [-c CMD]... FILE       qemu-io-like I/O on one image
 //	zq-csi export [--socket P|--tcp A] FILE  qemu-nbd-like NBD export
+//	zq-csi attach [--backend nbd] FILE    attach to the kernel, print /dev/nbdN
+//	zq-csi detach DEV                     disconnect an attached device
 //
-// Planned, each in its own file registering in the subcommands table:
-// serve (the CSI services), attach and detach.
+// Planned, in its own file registering in the subcommands table: serve
+// (the CSI services).
 //
 // Exit codes: 0 success, 1 failure, 2 usage error; `image check` uses
 // qemu-img check's codes (see cmd_image.go).
@@ -36,6 +38,8 @@ var subcommands = []subcommand{
 	{"image", "create, inspect and check qcow2 images (like qemu-img)", runImage},
 	{"io", "run I/O commands on an image (like qemu-io)", runIO},
 	{"export", "serve an image over NBD (like qemu-nbd)", runExport},
+	{"attach", "attach an image to the kernel as /dev/nbdN and serve it", runAttach},
+	{"detach", "disconnect a device attached by attach", runDetach},
 }
 
 // env is what a subcommand talks to: its output streams and its name for

@@ -1,0 +1,704 @@
+//go:build vmtest
+
+// Kernel attach tests: they need the nbd module of the VM harness kernel
+// and run only there, through
+//
+//	test/e2e/vm-go-test.sh ./nbdattach/
+//
+// The vmtest build tag keeps them out of plain `go test ./...` on the
+// host; run any other way they fail.
+package nbdattach
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/zoned"
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv("ZQ_VM") != "1" {
+		fmt.Fprintln(os.Stderr, "these tests need the VM harness kernel: run test/e2e/vm-go-test.sh ./nbdattach/ (ZQ_VM=1 is not set)")
+		os.Exit(2)
+	}
+	os.Exit(m.Run())
+}
+
+const blkGetSize64 = 0x80081272 // _IOR(0x12, 114, u64)
+
+// alignedBuf is a page-aligned buffer for O_DIRECT.
+func alignedBuf(t *testing.T, n int) []byte {
+	t.Helper()
+	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Munmap(b) })
+	return b
+}
+
+func pattern(n int, seed byte) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = seed + byte(i*7+i/4096)
+	}
+	return b
+}
+
+func openDirect(t *testing.T, path string) *os.File {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func directRead(t *testing.T, f *os.File, off int64, n int) []byte {
+	t.Helper()
+	b := alignedBuf(t, n)
+	if _, err := f.ReadAt(b, off); err != nil {
+		t.Fatalf("O_DIRECT read at %#x+%#x of %s: %v", off, n, f.Name(), err)
+	}
+	return append([]byte(nil), b...)
+}
+
+func directWrite(f *os.File, p []byte, off int64, buf []byte) error {
+	copy(buf, p)
+	_, err := f.WriteAt(buf[:len(p)], off)
+	return err
+}
+
+// deviceSize reads the size of the block device both ways: sysfs and
+// BLKGETSIZE64.
+func deviceSize(t *testing.T, d *Device) int64 {
+	t.Helper()
+	raw, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/size", d.Index))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sectors, err := strconv.ParseInt(strings.TrimSpace(string(raw)), 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(d.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var size uint64
+	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), blkGetSize64, uintptr(unsafe.Pointer(&size))); e != 0 {
+		t.Fatalf("BLKGETSIZE64 %s: %v", d.Path(), e)
+	}
+	if int64(size) != sectors*512 {
+		t.Fatalf("%s: BLKGETSIZE64 %d, sysfs %d sectors", d.Path(), size, sectors)
+	}
+	return int64(size)
+}
+
+// waitDisconnected waits for NBD_CMD_STATUS to say the device is free.
+func waitDisconnected(t *testing.T, index int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		connected, err := Status(index)
+		if err != nil {
+			t.Fatalf("status of nbd%d: %v", index, err)
+		}
+		if !connected {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nbd%d still connected 10s after the disconnect", index)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func attach(t *testing.T, b Backend, opts Options) *Device {
+	t.Helper()
+	d, err := Attach(b, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		select {
+		case <-d.Done():
+		default:
+			d.Detach()
+		}
+	})
+	if connected, err := Status(d.Index); err != nil || !connected {
+		t.Fatalf("status of %s after attach: connected=%v, %v", d.Path(), connected, err)
+	}
+	return d
+}
+
+func detach(t *testing.T, d *Device) {
+	t.Helper()
+	if err := d.Detach(); err != nil {
+		t.Fatalf("detach %s: %v", d.Path(), err)
+	}
+	if err := d.Wait(); err != nil {
+		t.Fatalf("serving %s: %v", d.Path(), err)
+	}
+	waitDisconnected(t, d.Index)
+}
+
+func checkImageClean(t *testing.T, path string) {
+	t.Helper()
+	img, err := image.Open(path, image.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	res, err := img.Check(false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Clean() {
+		t.Fatalf("image check after detach: corruptions %v, leaks %v", res.Corruptions, res.Leaks)
+	}
+}
+
+func TestKernelAttachPlainImage(t *testing.T) {
+	const size = 64 << 20
+	path := filepath.Join(t.TempDir(), "plain.qcow2")
+	if err := image.Create(path, image.CreateOptions{Size: size}); err != nil {
+		t.Fatal(err)
+	}
+	img, err := image.Open(path, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := attach(t, ImageBackend{Img: img}, Options{Index: Any, Connections: 2})
+	if !strings.HasPrefix(d.Path(), "/dev/nbd") {
+		t.Fatalf("device path %q", d.Path())
+	}
+	if got := deviceSize(t, d); got != size {
+		t.Fatalf("%s size %d, image size %d", d.Path(), got, size)
+	}
+
+	// Buffered writes and fsync, at the start, across a cluster boundary
+	// and at the end.
+	writes := map[int64][]byte{
+		0:                pattern(128<<10, 1),
+		(1 << 20) - 4096: pattern(72<<10, 2),
+		size - 8192:      pattern(8192, 3),
+	}
+	f, err := os.OpenFile(d.Path(), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for off, p := range writes {
+		if _, err := f.WriteAt(p, off); err != nil {
+			t.Fatalf("write at %#x: %v", off, err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatalf("fsync %s: %v", d.Path(), err)
+	}
+	f.Close()
+	// Read back past the page cache.
+	df := openDirect(t, d.Path())
+	for off, p := range writes {
+		if got := directRead(t, df, off, len(p)); !bytes.Equal(got, p) {
+			t.Fatalf("read back at %#x through %s differs", off, d.Path())
+		}
+	}
+	if got := directRead(t, df, 4<<20, 4096); !bytes.Equal(got, make([]byte, 4096)) {
+		t.Fatalf("unwritten block does not read as zeros")
+	}
+	df.Close()
+	detach(t, d)
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// The bytes are in the image, which checks clean.
+	img2, err := image.Open(path, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for off, p := range writes {
+		got := make([]byte, len(p))
+		if _, err := img2.ReadAt(got, off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, p) {
+			t.Fatalf("image bytes at %#x differ from what was written to the device", off)
+		}
+	}
+	if err := img2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	checkImageClean(t, path)
+
+	// Reattach: the data is still there.
+	img2, err = image.Open(path, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2 := attach(t, ImageBackend{Img: img2}, Options{Index: Any})
+	df2 := openDirect(t, d2.Path())
+	for off, p := range writes {
+		if got := directRead(t, df2, off, len(p)); !bytes.Equal(got, p) {
+			t.Fatalf("after reattach: read at %#x through %s differs", off, d2.Path())
+		}
+	}
+	df2.Close()
+	detach(t, d2)
+	if err := img2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	checkImageClean(t, path)
+}
+
+func TestKernelAttachReadOnly(t *testing.T) {
+	img := newImage(t, 16<<20)
+	if _, err := img.WriteAt(pattern(4096, 9), 0); err != nil {
+		t.Fatal(err)
+	}
+	d := attach(t, ImageBackend{Img: img}, Options{Index: Any, ReadOnly: true})
+	ro, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/ro", d.Index))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.TrimSpace(string(ro)) != "1" {
+		t.Fatalf("/sys/block/nbd%d/ro = %q, want 1", d.Index, ro)
+	}
+	// The kernel refuses writes itself (EPERM) whether or not the open
+	// for writing succeeds; the image is unchanged.
+	if wf, err := os.OpenFile(d.Path(), os.O_RDWR|syscall.O_DIRECT, 0); err == nil {
+		werr := directWrite(wf, make([]byte, 4096), 0, alignedBuf(t, 4096))
+		wf.Close()
+		if !errors.Is(werr, syscall.EPERM) && !errors.Is(werr, syscall.EROFS) {
+			t.Fatalf("write to read-only %s: %v, want EPERM", d.Path(), werr)
+		}
+	}
+	f, err := os.OpenFile(d.Path(), os.O_RDONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := directRead(t, f, 0, 4096); !bytes.Equal(got, pattern(4096, 9)) {
+		t.Fatalf("read-only device reads wrong data")
+	}
+	f.Close()
+	detach(t, d)
+}
+
+func TestKernelAttachZonedImage(t *testing.T) {
+	// Zone 0 conventional, zones 1..7 sequential (1 MiB, capacity 768 KiB).
+	path, img, dev := newZonedImage(t, 8<<20, 4)
+	d := attach(t, ZonedBackend{Img: img, Dev: dev}, Options{Index: Any, BlockSize: 512})
+	if got := deviceSize(t, d); got != 8<<20 {
+		t.Fatalf("%s size %d, want %d", d.Path(), got, 8<<20)
+	}
+	f := openDirect(t, d.Path())
+	defer f.Close()
+	buf := alignedBuf(t, 256<<10)
+	z1 := int64(testZoneSize)
+	wp1 := func() int64 {
+		z, err := dev.ZoneAt(z1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return z.WritePointer
+	}
+
+	// Writes at the write pointer succeed and move it.
+	a, b := pattern(64<<10, 11), pattern(64<<10, 12)
+	if err := directWrite(f, a, z1, buf); err != nil {
+		t.Fatalf("write at the write pointer %#x: %v", z1, err)
+	}
+	if err := directWrite(f, b, z1+64<<10, buf); err != nil {
+		t.Fatalf("write at the write pointer %#x: %v", z1+64<<10, err)
+	}
+	if got := wp1(); got != z1+128<<10 {
+		t.Fatalf("write pointer %#x after two writes, want %#x", got, z1+128<<10)
+	}
+
+	// A write elsewhere in the zone fails with EIO; the pointer stays.
+	for _, off := range []int64{z1 + 512<<10, z1, z1 + 64<<10} {
+		err := directWrite(f, pattern(4096, 13), off, buf)
+		if !errors.Is(err, syscall.EIO) {
+			t.Fatalf("write at %#x (write pointer %#x): %v, want EIO", off, z1+128<<10, err)
+		}
+		if got := wp1(); got != z1+128<<10 {
+			t.Fatalf("write pointer moved to %#x by a refused write at %#x", got, off)
+		}
+	}
+	// Past the capacity of zone 2 (its pointer is at its start).
+	if err := directWrite(f, pattern(4096, 14), 2*z1+testZoneCap, buf); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("write past the zone capacity: %v, want EIO", err)
+	}
+	// The conventional zone takes writes anywhere.
+	c := pattern(8192, 15)
+	if err := directWrite(f, c, 256<<10, buf); err != nil {
+		t.Fatalf("write in the conventional zone: %v", err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if got := directRead(t, f, z1, 128<<10); !bytes.Equal(got, append(append([]byte(nil), a...), b...)) {
+		t.Fatalf("zone 1 reads back wrong data")
+	}
+	if got := directRead(t, f, z1+128<<10, 4096); !bytes.Equal(got, make([]byte, 4096)) {
+		t.Fatalf("zone 1 past the write pointer does not read as zeros")
+	}
+	f.Close()
+	detach(t, d)
+	if err := dev.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	checkImageClean(t, path)
+
+	// The write pointer and the data persisted.
+	img2, err := image.Open(path, image.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img2.Close()
+	dev2, err := zoned.OpenImage(img2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if z, _ := dev2.ZoneAt(z1); z.WritePointer != z1+128<<10 {
+		t.Fatalf("reopened: write pointer %#x, want %#x", z.WritePointer, z1+128<<10)
+	}
+	got := make([]byte, len(c))
+	if _, err := dev2.ReadAt(got, 256<<10); err != nil || !bytes.Equal(got, c) {
+		t.Fatalf("reopened: conventional zone data differs (%v)", err)
+	}
+}
+
+// TestKernelRecoverAfterServerDeath: the serving side stops without a
+// DISCONNECT (the process died); the kernel holds the I/O issued
+// meanwhile for the dead-connection timeout; a fresh server instance on
+// a reopened image takes the same /dev/nbdN back with RECONFIGURE and
+// the held I/O completes.
+func TestKernelRecoverAfterServerDeath(t *testing.T) {
+	const size = 32 << 20
+	path := filepath.Join(t.TempDir(), "recover.qcow2")
+	if err := image.Create(path, image.CreateOptions{Size: size}); err != nil {
+		t.Fatal(err)
+	}
+	img, err := image.Open(path, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := Options{Index: Any, Connections: 2, DeadConnTimeout: 60 * time.Second}
+	d, err := Attach(ImageBackend{Img: img}, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := openDirect(t, d.Path())
+	defer f.Close()
+	buf := alignedBuf(t, 64<<10)
+	a := pattern(64<<10, 21)
+	if err := directWrite(f, a, 0, buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+
+	// The server dies: its ends of the sockets close, no DISCONNECT.
+	d.Close()
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if connected, err := Status(d.Index); err != nil || !connected {
+		t.Fatalf("after the server died the device must stay configured: connected=%v, %v", connected, err)
+	}
+
+	// I/O issued now waits for the recovery.
+	type result struct {
+		data []byte
+		err  error
+	}
+	held := make(chan result, 1)
+	b := pattern(64<<10, 22)
+	go func() {
+		wbuf := alignedBuf(t, 64<<10)
+		if err := directWrite(f, b, 1<<20, wbuf); err != nil {
+			held <- result{nil, fmt.Errorf("held write: %w", err)}
+			return
+		}
+		rbuf := alignedBuf(t, 64<<10)
+		_, err := f.ReadAt(rbuf, 0)
+		held <- result{append([]byte(nil), rbuf...), err}
+	}()
+	select {
+	case r := <-held:
+		t.Fatalf("I/O on a device with no live connection finished before the recovery: %v", r.err)
+	case <-time.After(time.Second):
+	}
+
+	// A fresh server instance takes the device back.
+	img2, err := image.Open(path, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2, err := Recover(d.Index, ImageBackend{Img: img2}, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-held:
+		if r.err != nil {
+			t.Fatalf("held I/O after the recovery: %v", r.err)
+		}
+		if !bytes.Equal(r.data, a) {
+			t.Fatalf("held read after the recovery returned wrong data")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("held I/O did not resume within 30s of the RECONFIGURE")
+	}
+	// And new I/O works on the same device.
+	c := pattern(4096, 23)
+	if err := directWrite(f, c, size-4096, buf); err != nil {
+		t.Fatalf("write after the recovery: %v", err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if got := directRead(t, f, 1<<20, len(b)); !bytes.Equal(got, b) {
+		t.Fatalf("the held write did not land")
+	}
+	f.Close()
+	detach(t, d2)
+	if err := img2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	img3, err := image.Open(path, image.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img3.Close()
+	for off, p := range map[int64][]byte{0: a, 1 << 20: b, size - 4096: c} {
+		got := make([]byte, len(p))
+		if _, err := img3.ReadAt(got, off); err != nil || !bytes.Equal(got, p) {
+			t.Fatalf("image at %#x differs after the recovery (%v)", off, err)
+		}
+	}
+	checkImageClean(t, path)
+}
+
+// TestKernelDisconnectEndsServing: a DISCONNECT from outside (zq-csi
+// detach) ends the serving side without error.
+func TestKernelDisconnectEndsServing(t *testing.T) {
+	img := newImage(t, 16<<20)
+	d := attach(t, ImageBackend{Img: img}, Options{Index: Any})
+	if err := Disconnect(d.Index); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-d.Done():
+	case <-time.After(20 * time.Second):
+		t.Fatal("serving did not end after DISCONNECT")
+	}
+	if err := d.Wait(); err != nil {
+		t.Fatalf("serving ended with %v", err)
+	}
+	waitDisconnected(t, d.Index)
+	if err := Disconnect(d.Index); err == nil {
+		// A second DISCONNECT of a free device is harmless in the
+		// kernel; only check it does not hang.
+		t.Logf("second DISCONNECT of nbd%d: ok", d.Index)
+	}
+}
+
+func TestKernelRecoverWithoutDeadConnectionFails(t *testing.T) {
+	img := newImage(t, 16<<20)
+	d := attach(t, ImageBackend{Img: img}, Options{Index: Any})
+	_, err := Recover(d.Index, ImageBackend{Img: img}, Options{Connections: 1})
+	if err == nil {
+		t.Fatal("Recover of a device whose connections are alive succeeded")
+	}
+	t.Logf("recover of a live device: %v", err)
+	detach(t, d)
+}
+
+// zqCSI returns the zq-csi binary: $ZQ_CSI_BIN when set (built on the
+// host, e.g. bin/zq-csi), else one built now.
+func zqCSI(t *testing.T) string {
+	t.Helper()
+	if p := os.Getenv("ZQ_CSI_BIN"); p != "" {
+		return p
+	}
+	bin := filepath.Join(t.TempDir(), "zq-csi")
+	out, err := exec.Command("go", "build", "-o", bin, "../cmd/zq-csi").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build zq-csi: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// attachCmd is a running `zq-csi attach`.
+type attachCmd struct {
+	cmd    *exec.Cmd
+	dev    string
+	stderr *bytes.Buffer
+	exited chan error
+}
+
+func startAttach(t *testing.T, bin string, args ...string) *attachCmd {
+	t.Helper()
+	a := &attachCmd{cmd: exec.Command(bin, append([]string{"attach"}, args...)...), stderr: &bytes.Buffer{}, exited: make(chan error, 1)}
+	a.cmd.Stderr = a.stderr
+	out, err := a.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line := make(chan string, 1)
+	go func() {
+		r := bufio.NewReader(out)
+		s, _ := r.ReadString('\n')
+		line <- strings.TrimSpace(s)
+		io.Copy(io.Discard, r)
+		a.exited <- a.cmd.Wait()
+	}()
+	select {
+	case a.dev = <-line:
+	case <-time.After(30 * time.Second):
+		a.cmd.Process.Kill()
+		t.Fatalf("zq-csi attach printed no device in 30s; stderr: %s", a.stderr)
+	}
+	if !strings.HasPrefix(a.dev, "/dev/nbd") {
+		a.cmd.Process.Kill()
+		t.Fatalf("zq-csi attach printed %q; stderr: %s", a.dev, a.stderr)
+	}
+	t.Cleanup(func() {
+		if a.cmd.ProcessState == nil {
+			a.cmd.Process.Kill()
+			<-a.exited
+		}
+	})
+	return a
+}
+
+// wait waits for the attach process to exit and returns its error.
+func (a *attachCmd) wait(t *testing.T) error {
+	t.Helper()
+	select {
+	case err := <-a.exited:
+		return err
+	case <-time.After(30 * time.Second):
+		a.cmd.Process.Kill()
+		t.Fatalf("zq-csi attach did not exit in 30s; stderr: %s", a.stderr)
+	}
+	return nil
+}
+
+func runTool(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// TestKernelAttachCLI runs the zq-csi binary: attach, dd and fio against
+// the device, detach; attach and SIGTERM; attach, SIGKILL and take the
+// device back with attach --recover.
+func TestKernelAttachCLI(t *testing.T) {
+	bin := zqCSI(t)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "cli.qcow2")
+	if err := image.Create(path, image.CreateOptions{Size: 64 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	pat := filepath.Join(dir, "pattern")
+	if err := os.WriteFile(pat, pattern(4<<20, 31), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	// attach, dd, fio, detach.
+	a := startAttach(t, bin, "--backend", "nbd", "--connections", "2", path)
+	runTool(t, "dd", "if="+pat, "of="+a.dev, "bs=1M", "oflag=direct", "conv=fsync", "status=none")
+	back := filepath.Join(dir, "back")
+	runTool(t, "dd", "if="+a.dev, "of="+back, "bs=1M", "count=4", "iflag=direct", "status=none")
+	if got, _ := os.ReadFile(back); !bytes.Equal(got, pattern(4<<20, 31)) {
+		t.Fatalf("dd read back from %s differs", a.dev)
+	}
+	if _, err := exec.LookPath("fio"); err == nil {
+		out := runTool(t, "fio", "--name=verify", "--filename="+a.dev, "--rw=randwrite", "--bs=4k",
+			"--offset=16M", "--size=4M", "--direct=1", "--ioengine=psync", "--verify=crc32c",
+			"--do_verify=1", "--output-format=terse")
+		t.Logf("fio: %d bytes of terse output", len(out))
+	}
+	runTool(t, bin, "detach", a.dev)
+	if err := a.wait(t); err != nil {
+		t.Fatalf("zq-csi attach after detach: %v; stderr: %s", err, a.stderr)
+	}
+	index, _ := ParseDevice(a.dev)
+	waitDisconnected(t, index)
+	img, err := image.Open(path, image.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4<<20)
+	if _, err := img.ReadAt(got, 0); err != nil || !bytes.Equal(got, pattern(4<<20, 31)) {
+		t.Fatalf("image bytes after detach differ (%v)", err)
+	}
+	img.Close()
+	checkImageClean(t, path)
+
+	// SIGTERM disconnects, flushes and exits 0.
+	a = startAttach(t, bin, path)
+	a.cmd.Process.Signal(syscall.SIGTERM)
+	if err := a.wait(t); err != nil {
+		t.Fatalf("zq-csi attach after SIGTERM: %v; stderr: %s", err, a.stderr)
+	}
+	index, _ = ParseDevice(a.dev)
+	waitDisconnected(t, index)
+
+	// SIGKILL: the device stays, its I/O is held; attach --recover takes
+	// it back.
+	a = startAttach(t, bin, "--dead-conn-timeout", "60", path)
+	dev := a.dev
+	runTool(t, "dd", "if="+pat, "of="+dev, "bs=1M", "seek=8", "oflag=direct", "conv=fsync", "status=none")
+	a.cmd.Process.Kill()
+	a.wait(t)
+	index, _ = ParseDevice(dev)
+	if connected, err := Status(index); err != nil || !connected {
+		t.Fatalf("%s after SIGKILL of its server: connected=%v, %v", dev, connected, err)
+	}
+	r := startAttach(t, bin, "--recover", dev, path)
+	if r.dev != dev {
+		t.Fatalf("attach --recover %s printed %s", dev, r.dev)
+	}
+	runTool(t, "dd", "if="+dev, "of="+back, "bs=1M", "skip=8", "count=4", "iflag=direct", "status=none")
+	if got, _ := os.ReadFile(back); !bytes.Equal(got, pattern(4<<20, 31)) {
+		t.Fatalf("dd read back after attach --recover differs")
+	}
+	runTool(t, bin, "detach", dev)
+	if err := r.wait(t); err != nil {
+		t.Fatalf("zq-csi attach --recover after detach: %v; stderr: %s", err, r.stderr)
+	}
+	waitDisconnected(t, index)
+	checkImageClean(t, path)
+}
