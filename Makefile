@@ -44,7 +44,7 @@ help:
 	@echo "make interop  the interop tier alone"
 	@echo "make e2e      the VM tier alone ($(E2E_SCRIPT) $(E2E_ARGS))"
 	@echo "make lint     gofmt, go vet, staticcheck $(STATICCHECK_VERSION)"
-	@echo "make bench    benchmarks, also written to bench.txt"
+	@echo "make bench    benchmarks with ratios to their peers (raw file, plain image, qemu-io, qemu-nbd), also in bench.txt"
 	@echo "make fuzz     every fuzz target for FUZZTIME=$(FUZZTIME)"
 	@echo "make crash    the crash (power cut) tests of image/ and zoned/ with CRASH_CUTS=$(CRASH_CUTS) cuts each"
 	@echo "make clean    remove build outputs"
@@ -81,6 +81,8 @@ bench:
 	$(GO) test -run='^$$' -bench=. -benchmem ./... | tee bench.txt
 	@echo "== ratios to the peer measured in the same run"
 	@bash scripts/bench-ratios.sh bench.txt
+	@echo "== zq-csi export against qemu-nbd, fio's nbd engine"
+	bash scripts/bench-nbd.sh | tee -a bench.txt
 
 # go test -fuzz takes one target of one package at a time: list them all.
 fuzz:
