@@ -10,6 +10,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/zq-csi/zq-csi/image"
@@ -30,9 +31,14 @@ type Export struct {
 
 func (e *Export) readOnly() bool { return e.ReadOnly || e.Backend.ReadOnly() }
 
-// flags are the export's transmission flags.
-func (e *Export) flags() uint16 {
-	f := uint16(tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendDF)
+// flags are the export's transmission flags. DF (don't fragment) means
+// something only with structured replies, and the protocol says to leave
+// it clear without them.
+func (e *Export) flags(structured bool) uint16 {
+	f := uint16(tflagHasFlags | tflagSendFlush | tflagSendFUA)
+	if structured {
+		f |= tflagSendDF
+	}
 	if e.readOnly() {
 		f |= tflagReadOnly
 	} else {
@@ -60,6 +66,10 @@ type Server struct {
 	// Workers bounds the requests of one connection in flight; 0 means
 	// DefaultWorkers.
 	Workers int
+	// HandshakeTimeout bounds a connection's negotiation, so a client that
+	// connects and says nothing does not hold a slot for ever; 0 means
+	// DefaultHandshakeTimeout (qemu-nbd's 10 s).
+	HandshakeTimeout time.Duration
 	// Logf, if set, gets one line per connection that ends with an error.
 	Logf func(format string, args ...any)
 
@@ -88,6 +98,9 @@ func (s *Server) export(name string) *Export {
 	return nil
 }
 
+// DefaultHandshakeTimeout is Server.HandshakeTimeout's default.
+const DefaultHandshakeTimeout = 10 * time.Second
+
 // Serve accepts connections on l until Shutdown, serving each in its own
 // goroutine. It closes l when it returns.
 func (s *Server) Serve(l net.Listener) error {
@@ -101,6 +114,7 @@ func (s *Server) Serve(l net.Listener) error {
 	s.listeners[l] = struct{}{}
 	s.mu.Unlock()
 	defer l.Close()
+	var backoff time.Duration
 	var slots chan struct{}
 	if s.MaxConns > 0 {
 		slots = make(chan struct{}, s.MaxConns)
@@ -114,18 +128,24 @@ func (s *Server) Serve(l net.Listener) error {
 			}
 		}
 		nc, err := l.Accept()
+		if err == nil {
+			backoff = 0
+		}
 		if err != nil {
 			select {
 			case <-s.done:
 				return ErrServerClosed
 			default:
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
+			if temporaryAcceptError(err) {
+				// Out of descriptors or memory, or a connection that died
+				// in the queue: wait and go on, as net/http does, rather
+				// than end the export for every client.
 				if slots != nil {
 					<-slots
 				}
-				time.Sleep(10 * time.Millisecond)
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				time.Sleep(backoff)
 				continue
 			}
 			return err
@@ -141,6 +161,20 @@ func (s *Server) Serve(l net.Listener) error {
 			}
 		}()
 	}
+}
+
+// temporaryAcceptError reports an Accept error worth retrying.
+func temporaryAcceptError(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	return false
 }
 
 // ServeConn does the handshake on nc and serves the export the client
@@ -163,7 +197,15 @@ func (s *Server) ServeConn(nc net.Conn) error {
 		s.mu.Unlock()
 	}()
 	defer nc.Close()
+	limit := s.HandshakeTimeout
+	if limit <= 0 {
+		limit = DefaultHandshakeTimeout
+	}
+	nc.SetDeadline(time.Now().Add(limit))
 	exp, err := c.handshake(s)
+	if err == nil && !c.stopping.Load() {
+		nc.SetDeadline(time.Time{})
+	}
 	if err != nil || exp == nil {
 		if c.stopping.Load() || errors.Is(err, io.EOF) {
 			return nil
@@ -248,7 +290,14 @@ func newConn(nc net.Conn, workers int) *conn {
 func (c *conn) stop() {
 	c.stopping.Store(true)
 	c.nc.SetReadDeadline(time.Now())
+	// A client that stopped reading its replies must not hold the
+	// shutdown (and every other worker, behind the write lock) for ever.
+	c.nc.SetWriteDeadline(time.Now().Add(stopWriteTimeout))
 }
+
+// stopWriteTimeout is how long a stopping connection may take to send
+// the replies still owed.
+const stopWriteTimeout = 30 * time.Second
 
 // handshake runs the fixed newstyle negotiation and returns the export
 // the client chose, or nil with a nil error when it aborted.
@@ -303,7 +352,7 @@ func (c *conn) handshake(s *Server) (*Export, error) {
 			}
 			reply := make([]byte, 10, 134)
 			binary.BigEndian.PutUint64(reply, uint64(e.Backend.Size()))
-			binary.BigEndian.PutUint16(reply[8:], e.flags())
+			binary.BigEndian.PutUint16(reply[8:], e.flags(c.structured))
 			if !noZeroes {
 				reply = reply[:134]
 			}
@@ -412,7 +461,7 @@ func (c *conn) info(s *Server, opt uint32, data []byte) (*Export, error) {
 	}
 	ex := binary.BigEndian.AppendUint16(nil, infoExport)
 	ex = binary.BigEndian.AppendUint64(ex, uint64(e.Backend.Size()))
-	ex = binary.BigEndian.AppendUint16(ex, e.flags())
+	ex = binary.BigEndian.AppendUint16(ex, e.flags(c.structured))
 	if err := c.optReply(opt, repInfo, ex); err != nil {
 		return nil, err
 	}
@@ -506,9 +555,13 @@ func (c *conn) transmit() error {
 		if req.typ == cmdDisc {
 			break
 		}
+		// The worker slot comes before the payload is read, so a client
+		// pipelining writes holds at most Workers payload buffers.
+		c.workers <- struct{}{}
 		var payload []byte
 		if req.typ == cmdWrite {
 			if req.length > MaxBlockSize {
+				<-c.workers
 				if _, rerr := io.CopyN(io.Discard, c.r, int64(req.length)); rerr != nil {
 					err = fmt.Errorf("reading write payload: %w", rerr)
 					break
@@ -518,11 +571,13 @@ func (c *conn) transmit() error {
 			}
 			payload = make([]byte, req.length)
 			if _, rerr := io.ReadFull(c.r, payload); rerr != nil {
+				<-c.workers
 				err = fmt.Errorf("reading write payload: %w", rerr)
 				break
 			}
 		}
 		if e, msg := c.check(req); e != 0 {
+			<-c.workers
 			c.replyError(req, e, msg)
 			continue
 		}
@@ -535,7 +590,6 @@ func (c *conn) transmit() error {
 				order[key] = done
 			}
 		}
-		c.workers <- struct{}{}
 		c.wg.Add(1)
 		go func() {
 			defer c.wg.Done()

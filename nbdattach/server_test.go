@@ -6,6 +6,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"net"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -36,8 +38,9 @@ func TestHandshakeExportNameSendsSizeFlagsAndZeroes(t *testing.T) {
 			if size := binary.BigEndian.Uint64(b); size != testSize {
 				t.Fatalf("size %d", size)
 			}
+			// No DF: it needs structured replies, not negotiated here.
 			want := uint16(tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendTrim | tflagSendWriteZeroes |
-				tflagSendDF | tflagCanMultiConn | tflagSendFastZero)
+				tflagCanMultiConn | tflagSendFastZero)
 			if f := binary.BigEndian.Uint16(b[8:]); f != want {
 				t.Fatalf("flags %#x, want %#x", f, want)
 			}
@@ -532,5 +535,37 @@ func TestServeTransmissionSpeaksSimpleRepliesWithoutHandshake(t *testing.T) {
 	}
 	if exts, _ := img.Map(0, testSize); len(exts) != 1 {
 		t.Fatalf("trim left data: %+v", exts)
+	}
+}
+
+// TestSilentClientLosesItsSlotAfterTheHandshakeTimeout: with one slot, a
+// client that connects and says nothing is dropped, and the next one is
+// served.
+func TestSilentClientLosesItsSlotAfterTheHandshakeTimeout(t *testing.T) {
+	l, err := net.Listen("unix", filepath.Join(t.TempDir(), "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	exp, _ := plainExport(t)
+	s := &Server{Exports: []*Export{exp}, MaxConns: 1, HandshakeTimeout: 200 * time.Millisecond}
+	go s.Serve(l)
+	defer s.Shutdown(context.Background())
+	silent, err := net.Dial("unix", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	next, err := net.Dial("unix", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer next.Close()
+	next.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var hello [18]byte
+	if _, err := io.ReadFull(next, hello[:]); err != nil {
+		t.Fatalf("the second client got no hello while the first stayed silent: %v", err)
+	}
+	if binary.BigEndian.Uint64(hello[:]) != nbdMagic {
+		t.Fatalf("hello %x", hello)
 	}
 }

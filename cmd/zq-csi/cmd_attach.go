@@ -36,7 +36,8 @@ zone rules (a write off the write pointer fails with EIO), but the kernel
 sees a plain disk. Needs root (CAP_SYS_ADMIN) and the nbd module.
 
   --backend nbd          the kernel frontend; only nbd so far (ublk is not implemented yet)
-  --connections N        sockets the kernel spreads requests over (default: one per CPU, at most 2)
+  --connections N        sockets the kernel spreads requests over (default: one per CPU, at most 2;
+                         1 for a zoned image, so writes to a zone stay in order)
   --read-only            a read-only device
   --block-size B         logical block size, 512 or 4096 (default: 512 for a zoned image,
                          otherwise 4096 when the size is a multiple of it)
@@ -116,6 +117,12 @@ func runAttach(e *env, args []string) int {
 		b = nbdattach.ZonedBackend{Img: img, Dev: dev}
 		if bs == 0 {
 			bs = 512
+		}
+		// The kernel sees a plain disk and spreads writes over the
+		// connections: with one, writes to a zone reach the device in the
+		// order the application issued them.
+		if *conns == 0 {
+			*conns = 1
 		}
 	}
 	opts := nbdattach.Options{
