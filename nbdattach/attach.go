@@ -232,7 +232,9 @@ func Attach(b Backend, opts Options) (*Device, error) {
 		d.Close()
 		return nil, err
 	}
+	d.mu.Lock() // the serving goroutines read it when they log
 	d.Index = index
+	d.mu.Unlock()
 	return d, nil
 }
 
