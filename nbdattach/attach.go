@@ -327,14 +327,19 @@ func peerClosed(c net.Conn) bool {
 	return closed
 }
 
-// Detach disconnects the device (NBD_CMD_DISCONNECT), waits for the
-// connections to end and flushes the backend. The caller closes the
-// image.
+// Detach writes back what the kernel still caches for the device, then
+// disconnects it (NBD_CMD_DISCONNECT), waits for the connections to end
+// and flushes the backend. The caller closes the image.
 func (d *Device) Detach() error {
+	// A disconnect fails the device's queue: dirty pages of an application
+	// that has the device open and has not synced yet would be dropped.
+	// This process serves the device, so the sync completes.
+	syncErr := syncDevice(d.Path())
 	d.mu.Lock()
 	d.closing = true
 	d.mu.Unlock()
 	err := Disconnect(d.Index)
+	err = errors.Join(syncErr, err)
 	if err != nil {
 		d.Close()
 	} else {
@@ -351,6 +356,21 @@ func (d *Device) Detach() error {
 		}
 	}
 	return err
+}
+
+// syncDevice writes back the page cache of the block device at path: an
+// fsync on any descriptor of a block device flushes all of its dirty
+// pages.
+func syncDevice(path string) error {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("sync %s before detaching: %w", path, err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync %s before detaching: %w", path, err)
+	}
+	return nil
 }
 
 // Close stops serving without telling the kernel: it closes this side of

@@ -176,6 +176,48 @@ func checkImageClean(t *testing.T, path string) {
 	}
 }
 
+// TestKernelDetachKeepsUnsyncedWrites: an application that wrote to the
+// device and has not synced (it still holds it open) loses nothing when
+// the device is detached.
+func TestKernelDetachKeepsUnsyncedWrites(t *testing.T) {
+	const size = 16 << 20
+	path := filepath.Join(t.TempDir(), "unsynced.qcow2")
+	if err := image.Create(path, image.CreateOptions{Size: size}); err != nil {
+		t.Fatal(err)
+	}
+	img, err := image.Open(path, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := Attach(ImageBackend{Img: img}, Options{Index: Any, Connections: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(d.Path(), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	want := pattern(256<<10, 9)
+	if _, err := f.WriteAt(want, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	// No fsync, and f stays open: the pages are dirty in the page cache.
+	if err := d.Detach(); err != nil {
+		t.Fatalf("detach: %v", err)
+	}
+	got := make([]byte, len(want))
+	if _, err := img.ReadAt(got, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("writes cached by the kernel were lost by the detach")
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestKernelAttachPlainImage(t *testing.T) {
 	const size = 64 << 20
 	path := filepath.Join(t.TempDir(), "plain.qcow2")
