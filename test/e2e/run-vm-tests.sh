@@ -106,6 +106,13 @@ ZQ_VM_MODULES="no_such_module" "$VM" -- true >/dev/null 2>"$SCRATCH/err" || rc=$
 expect "unknown module exit status (125)" 125 "$rc"
 expect "unknown module named" 1 "$(grep -c 'has no module no_such_module' "$SCRATCH/err")"
 
+# A guest that dies before the command starts (here: no init, a kernel
+# panic) is booted once more, then reported.
+rc=0
+ZQ_VM_APPEND="rdinit=/nonexistent" "$VM" -- true >/dev/null 2>"$SCRATCH/err" || rc=$?
+expect "boot failure exit status (125)" 125 "$rc"
+expect "boot failure retried once" 1 "$(grep -c 'booting it once more' "$SCRATCH/err")"
+
 echo "# negative control: the device checks fail without ublk_drv and nbd"
 rc=0
 ZQ_VM_TIMEOUT=120 ZQ_VM_MODULES="null_blk:nr_devices=0" "$VM" -- "$E2E_DIR/kernel-checks.sh" devices \

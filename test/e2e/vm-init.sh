@@ -158,6 +158,9 @@ OUT=$(port zq.stdout) || die "no stdout port"
 ERR=$(port zq.stderr) || die "no stderr port"
 
 log "running the command"
+# From here on a failure is the command's: vm.sh boots again only a guest
+# that never got this far.
+: >/job/started
 # env -i: the command gets only what the job script exports. (busybox's env
 # and chroot: only bash itself has to be loaded over 9p.)
 env -i chroot $R /bin/bash /run/zq-vm/cmd.sh <$R/dev/null >"$OUT" 2>"$ERR"

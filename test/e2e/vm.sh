@@ -372,10 +372,6 @@ main() {
 		printf '\n'
 	} >"$JOB/cmd.sh"
 
-	: >"$JOB/stdout"
-	: >"$JOB/stderr"
-	: >"$JOB/console.log"
-
 	# shellcheck disable=SC2054 # the commas belong to QEMU options
 	qemu=(
 		qemu-system-x86_64
@@ -408,27 +404,6 @@ main() {
 			-device "virtio-9p-pci,fsdev=zqshare$i,mount_tag=zqshare$i")
 	done
 
-	START=$EPOCHREALTIME
-	# timeout(1) kills a hung guest; it exits 124 when it had to.
-	timeout --kill-after=10 "$TIMEOUT" "${qemu[@]}" </dev/null >"$JOB/qemu.log" 2>&1 &
-	QEMU_PID=$!
-
-	# Stream the command's output while the guest runs; tail exits once QEMU has
-	# and the files are drained.
-	tail -n +1 -s 0.2 -f --pid="$QEMU_PID" "$JOB/stdout" &
-	T1=$!
-	tail -n +1 -s 0.2 -f --pid="$QEMU_PID" "$JOB/stderr" >&2 &
-	T2=$!
-	if [[ ${ZQ_VM_DEBUG:-0} == 1 ]]; then
-		tail -n +1 -s 0.2 -f --pid="$QEMU_PID" "$JOB/console.log" | sed 's/^/console: /' >&2 &
-	fi
-
-	rc=0
-	wait "$QEMU_PID" || rc=$?
-	QEMU_PID=
-	QEMU_END=$EPOCHREALTIME
-	wait "$T1" "$T2" || true
-
 	console_tail() {
 		log "---- last ${1} lines of the guest console ----"
 		tail -n "$1" "$JOB/console.log" | sed 's/^/console: /' >&2
@@ -438,27 +413,64 @@ main() {
 		fi
 	}
 
-	if ((rc == 124 || rc == 137)); then
-		log "TIMEOUT: guest still running after ${TIMEOUT}s (ZQ_VM_TIMEOUT), killed"
+	# A guest that dies before the command starts (an emulation fault at
+	# boot, seen about once in a hundred boots under TCG) is booted once
+	# more: the command never ran, so nothing is hidden. A failure once the
+	# command has started (the guest wrote "started"), or one the init
+	# reported itself (FATAL: a bad module or share), is final.
+	for attempt in 1 2; do
+		rm -f "$JOB/started" "$JOB/status" "$JOB/dmesg"
+		: >"$JOB/stdout"
+		: >"$JOB/stderr"
+		: >"$JOB/console.log"
+		START=$EPOCHREALTIME
+		# timeout(1) kills a hung guest; it exits 124 when it had to.
+		timeout --kill-after=10 "$TIMEOUT" "${qemu[@]}" </dev/null >"$JOB/qemu.log" 2>&1 &
+		QEMU_PID=$!
+
+		# Stream the command's output while the guest runs; tail exits once
+		# QEMU has and the files are drained.
+		tail -n +1 -s 0.2 -f --pid="$QEMU_PID" "$JOB/stdout" &
+		T1=$!
+		tail -n +1 -s 0.2 -f --pid="$QEMU_PID" "$JOB/stderr" >&2 &
+		T2=$!
+		if [[ ${ZQ_VM_DEBUG:-0} == 1 ]]; then
+			tail -n +1 -s 0.2 -f --pid="$QEMU_PID" "$JOB/console.log" | sed 's/^/console: /' >&2 &
+		fi
+
+		rc=0
+		wait "$QEMU_PID" || rc=$?
+		QEMU_PID=
+		QEMU_END=$EPOCHREALTIME
+		wait "$T1" "$T2" || true
+
+		if ((rc == 124 || rc == 137)); then
+			log "TIMEOUT: guest still running after ${TIMEOUT}s (ZQ_VM_TIMEOUT), killed"
+			console_tail 60
+			exit 124
+		fi
+		failure='' fatal=''
+		if grep -qE '^zq-vm-init: \[[0-9. ]*\] FATAL' "$JOB/console.log"; then
+			fatal=1 # the init's own verdict on the setup: booting again changes nothing
+		fi
+		if ((rc != 0)); then
+			failure="qemu failed with status $rc"
+		elif [[ ! -s $JOB/status ]]; then
+			failure="guest did not report an exit status (boot or init failure)"
+		elif [[ -n $fatal ]]; then
+			failure="guest init failed"
+		fi
+		[[ -z $failure ]] && break
+		log "$failure"
 		console_tail 60
-		exit 124
-	fi
-	if ((rc != 0)); then
-		log "qemu failed with status $rc"
-		console_tail 60
+		if ((attempt == 1)) && [[ ! -e $JOB/started && -z $fatal ]]; then
+			log "the guest failed before the command started: booting it once more"
+			continue
+		fi
 		exit 125
-	fi
-	if [[ ! -s $JOB/status ]]; then
-		log "guest did not report an exit status (boot or init failure)"
-		console_tail 60
-		exit 125
-	fi
+	done
 	status=$(<"$JOB/status")
 	[[ $status =~ ^[0-9]+$ ]] || die "bad status from guest: $status"
-	if grep -qE '^zq-vm-init: \[[0-9. ]*\] FATAL' "$JOB/console.log"; then
-		console_tail 60
-		exit 125
-	fi
 	# Kernel trouble (a WARN splat, a hung task...) is worth seeing even when the
 	# command passed; it does not change the exit status.
 	if [[ -f $JOB/dmesg ]] && grep -qE '(BUG:|Oops|WARNING:|Call Trace:|INFO: task .* blocked)' "$JOB/dmesg"; then
