@@ -50,25 +50,7 @@ func imageUsage(w io.Writer) {
 }
 
 func runImage(e *env, args []string) int {
-	if len(args) == 0 {
-		e.errorf("image: no command given")
-		imageUsage(e.stderr)
-		return exitUsage
-	}
-	switch args[0] {
-	case "-h", "-help", "--help", "help":
-		imageUsage(e.stdout)
-		return exitOK
-	}
-	for _, c := range imageCommands {
-		if c.name == args[0] {
-			e.prog = "zq-csi image " + c.name
-			return c.run(e, args[1:])
-		}
-	}
-	e.errorf("image: unknown command %q", args[0])
-	imageUsage(e.stderr)
-	return exitUsage
+	return e.dispatch("image", imageCommands, args, imageUsage)
 }
 
 // checkFormat refuses any image format but qcow2.

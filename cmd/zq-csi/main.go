@@ -101,24 +101,34 @@ func mainUsage(w io.Writer) {
 
 // run is main without os.Exit, for tests.
 func run(e *env, args []string) int {
+	return e.dispatch("", subcommands, args, mainUsage)
+}
+
+// dispatch runs the command of cmds that args name, the commands of group
+// ("" for the top level, "image" for `zq-csi image`).
+func (e *env) dispatch(group string, cmds []subcommand, args []string, usage func(io.Writer)) int {
+	prefix, prog := "", "zq-csi "
+	if group != "" {
+		prefix, prog = group+": ", prog+group+" "
+	}
 	if len(args) == 0 {
-		e.errorf("no command given")
-		mainUsage(e.stderr)
+		e.errorf("%sno command given", prefix)
+		usage(e.stderr)
 		return exitUsage
 	}
 	switch args[0] {
 	case "-h", "-help", "--help", "help":
-		mainUsage(e.stdout)
+		usage(e.stdout)
 		return exitOK
 	}
-	for _, c := range subcommands {
+	for _, c := range cmds {
 		if c.name == args[0] {
-			e.prog = "zq-csi " + c.name
+			e.prog = prog + c.name
 			return c.run(e, args[1:])
 		}
 	}
-	e.errorf("unknown command %q", args[0])
-	mainUsage(e.stderr)
+	e.errorf("%sunknown command %q", prefix, args[0])
+	usage(e.stderr)
 	return exitUsage
 }
 
