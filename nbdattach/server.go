@@ -101,19 +101,26 @@ func (s *Server) export(name string) *Export {
 // DefaultHandshakeTimeout is Server.HandshakeTimeout's default.
 const DefaultHandshakeTimeout = 10 * time.Second
 
+// track registers a listener or connection with add, under the lock,
+// unless the server is shut down; it reports whether it did.
+func (s *Server) track(add func()) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.init()
+	if s.closed {
+		return false
+	}
+	add()
+	return true
+}
+
 // Serve accepts connections on l until Shutdown, serving each in its own
 // goroutine. It closes l when it returns.
 func (s *Server) Serve(l net.Listener) error {
-	s.mu.Lock()
-	s.init()
-	if s.closed {
-		s.mu.Unlock()
-		l.Close()
+	defer l.Close()
+	if !s.track(func() { s.listeners[l] = struct{}{} }) {
 		return ErrServerClosed
 	}
-	s.listeners[l] = struct{}{}
-	s.mu.Unlock()
-	defer l.Close()
 	var backoff time.Duration
 	var slots chan struct{}
 	if s.MaxConns > 0 {
@@ -182,15 +189,10 @@ func temporaryAcceptError(err error) bool {
 // between requests) is no error.
 func (s *Server) ServeConn(nc net.Conn) error {
 	c := newConn(nc, s.Workers)
-	s.mu.Lock()
-	s.init()
-	if s.closed {
-		s.mu.Unlock()
+	if !s.track(func() { s.conns[c] = struct{}{} }) {
 		nc.Close()
 		return ErrServerClosed
 	}
-	s.conns[c] = struct{}{}
-	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
 		delete(s.conns, c)

@@ -55,6 +55,23 @@ func createTestImage(t *testing.T, g Geometry, size int64) string {
 	return p
 }
 
+// openTestDevice creates a zoned image and opens its Device; the image
+// is closed when the test ends.
+func openTestDevice(t *testing.T, g Geometry, size int64) (string, *image.Image, *Device) {
+	t.Helper()
+	p := createTestImage(t, g, size)
+	img, err := image.Open(p, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { img.Close() })
+	d, err := OpenImage(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, img, d
+}
+
 // TestDeviceStateSurvivesReopen drives zones through a Device on a real
 // image file, closes it, and finds the conditions derived from the table.
 func TestDeviceStateSurvivesReopen(t *testing.T) {
@@ -123,16 +140,7 @@ func TestDeviceStateSurvivesReopen(t *testing.T) {
 // the zone again does not grow the file.
 func TestResetGivesSpaceBack(t *testing.T) {
 	const zs = 8 << 20
-	p := createTestImage(t, Geometry{ZoneSize: zs, ZoneCapacity: zs, MaxAppendBytes: 64 << 10}, 64<<20)
-	img, err := image.Open(p, image.OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	d, err := OpenImage(img)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, img, d := openTestDevice(t, Geometry{ZoneSize: zs, ZoneCapacity: zs, MaxAppendBytes: 64 << 10}, 64<<20)
 	data := bytes.Repeat([]byte{1}, zs)
 	if _, err := d.WriteAt(data, 0); err != nil {
 		t.Fatal(err)
@@ -167,16 +175,7 @@ func TestResetGivesSpaceBack(t *testing.T) {
 // moves write pointers without writing a cluster.
 func TestFinishAllocatesNothing(t *testing.T) {
 	const zs = 8 << 20
-	p := createTestImage(t, Geometry{ZoneSize: zs, ZoneCapacity: zs, MaxAppendBytes: 64 << 10}, 64<<20)
-	img, err := image.Open(p, image.OpenOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	d, err := OpenImage(img)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, img, d := openTestDevice(t, Geometry{ZoneSize: zs, ZoneCapacity: zs, MaxAppendBytes: 64 << 10}, 64<<20)
 	if _, err := d.WriteAt(make([]byte, 4096), zs); err != nil {
 		t.Fatal(err)
 	}
