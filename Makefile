@@ -83,6 +83,7 @@ bench:
 	@bash scripts/bench-ratios.sh bench.txt
 	@echo "== zq-csi export against qemu-nbd, fio's nbd engine"
 	bash scripts/bench-nbd.sh | tee -a bench.txt
+	bash scripts/bench-ublk.sh | tee -a bench.txt
 
 # go test -fuzz takes one target of one package at a time: list them all.
 fuzz:

@@ -55,6 +55,26 @@ type OpenOptions struct {
 	// CacheSize bounds the memory held for L2 tables and refcount blocks,
 	// in bytes. 0 means DefaultCacheSize.
 	CacheSize int64
+	// JournalDir, for a read-write Open, keeps a redo journal of the
+	// metadata each call dirties in JournalDir/zq-<st_dev>-<st_ino>.journal
+	// (hex; the directory is created 0700 if missing), so that when the
+	// serving process dies without a flush, the next read-write open of
+	// this boot replays it and every acknowledged write survives. Each call
+	// that dirties metadata appends one batch with a single unsynced write;
+	// Flush resets the journal, Close removes it. A journal of another boot
+	// is discarded (the page cache it relied on is gone; the image's
+	// crash-ordered state stands); a journal whose header cannot be read
+	// fails the open with ErrJournal, naming the file. Read-only opens
+	// ignore the journal. OpenStorage refuses JournalDir.
+	JournalDir string
+	// Journal is the journal's storage for OpenStorage, with the same
+	// behaviour as JournalDir. Empty storage is no journal. The image owns
+	// it once open; Close truncates it to nothing.
+	Journal Storage
+	// BootID, if set, replaces the kernel's boot id
+	// (/proc/sys/kernel/random/boot_id) that a journal is scoped to: a
+	// UUID. For tests that model a reboot.
+	BootID string
 }
 
 // DefaultCacheSize is the metadata cache of an image opened without a
@@ -77,6 +97,9 @@ type Info struct {
 	Corrupt         bool   `json:"corrupt"`
 	// Zones is the zone geometry of a zoned image, nil for a plain one.
 	Zones *Zones `json:"zoned,omitempty"`
+	// JournalReplayed counts the journal batches the open replayed: writes
+	// of a process that died without flushing, recovered. Worth a log line.
+	JournalReplayed int `json:"journal-replayed,omitempty"`
 }
 
 // Extent is a run of the virtual disk with one allocation state, as Map

@@ -66,34 +66,74 @@ type Image struct {
 	writePointers []int64
 	wpDirtyLo     int
 	wpDirtyHi     int
+
+	// journal, for a read-write image opened with one, records the
+	// metadata each call dirties (see journal.go); journalReplayed is the
+	// number of batches replayed at open.
+	journal         *journal
+	journalReplayed int
 }
 
 // Open opens the image at path. A read-write open takes an exclusive lock
-// on the file and, if the image was not closed cleanly (dirty bit), rebuilds
-// its refcounts before returning.
+// on the file, replays the journal in opts.JournalDir if the serving
+// process died without flushing, and, if the image was not closed cleanly
+// (dirty bit) or a journal was replayed, rebuilds its refcounts before
+// returning.
 func Open(path string, opts OpenOptions) (*Image, error) {
+	if opts.JournalDir != "" && opts.Journal != nil {
+		return nil, fmt.Errorf("%s: both JournalDir and Journal given: %w", path, ErrInvalidOption)
+	}
 	f, err := openFile(path, opts.ReadOnly)
 	if err != nil {
 		return nil, err
 	}
-	img, err := OpenStorage(f, opts)
+	var journalPath string
+	if opts.JournalDir != "" && !opts.ReadOnly {
+		jf, p, err := openJournalFile(opts.JournalDir, f)
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		opts.Journal, journalPath = jf, p
+	}
+	opts.JournalDir = ""
+	img, err := openStorage(f, opts, journalPath)
 	if err != nil {
 		f.Close()
+		if journalPath != "" {
+			opts.Journal.Close()
+		}
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	img.path = path
 	return img, nil
 }
 
-// OpenStorage opens an image on s. The image owns s from then on and
-// closes it on Close.
+// OpenStorage opens an image on s. The image owns s (and opts.Journal)
+// from then on and closes it on Close; if the open fails, they are the
+// caller's to close. JournalDir is refused: only Open has a file to name
+// the journal after.
 func OpenStorage(s Storage, opts OpenOptions) (*Image, error) {
+	if opts.JournalDir != "" {
+		return nil, fmt.Errorf("JournalDir needs a file opened by Open; give OpenStorage a Journal: %w", ErrInvalidOption)
+	}
+	return openStorage(s, opts, "")
+}
+
+// openStorage opens an image on s with the journal opts.Journal, if any,
+// at journalPath ("" when it is not a file of ours).
+func openStorage(s Storage, opts OpenOptions, journalPath string) (*Image, error) {
 	img, err := openImage(s, opts)
 	if err != nil {
 		return nil, err
 	}
 	if opts.ReadOnly {
-		return img, nil
+		return img, nil // a reader changes nothing, so needs no journal
+	}
+	if opts.Journal != nil {
+		if err := img.attachJournal(opts.Journal, journalPath, opts.BootID); err != nil {
+			return nil, err
+		}
 	}
 	if err := img.prepareWrite(); err != nil {
 		return nil, err
@@ -163,7 +203,10 @@ func openImage(s Storage, opts OpenOptions) (*Image, error) {
 
 // prepareWrite readies an image opened read-write: autoclear bits this
 // package does not maintain are cleared (that is their contract), and a
-// dirty image gets its refcounts rebuilt.
+// dirty image gets its refcounts rebuilt. So does an image whose journal
+// was replayed: its batches may hold refcounts of another call's clusters
+// whose references never came (leaks). The rebuild's writeback makes the
+// replayed metadata durable, in crash order, and resets the journal.
 func (img *Image) prepareWrite() error {
 	img.mu.Lock()
 	defer img.mu.Unlock()
@@ -173,11 +216,15 @@ func (img *Image) prepareWrite() error {
 			return err
 		}
 	}
-	if img.hdr.incompatible&incompatDirty == 0 {
+	dirty := img.hdr.incompatible&incompatDirty != 0
+	if !dirty && img.journalReplayed == 0 {
 		return nil
 	}
 	if _, err := img.repairLocked(); err != nil {
-		return fmt.Errorf("rebuilding the refcounts of a dirty image: %w", err)
+		return fmt.Errorf("rebuilding the refcounts of a dirty image or after a journal replay: %w", err)
+	}
+	if !dirty {
+		return nil
 	}
 	img.hdr.incompatible &^= incompatDirty
 	return img.writeHeader()
@@ -258,8 +305,11 @@ func (img *Image) l2Set(t *table, i int64, e l2Entry) {
 	if img.extendedL2 {
 		binary.BigEndian.PutUint64(t.data[i*16:], e.std)
 		binary.BigEndian.PutUint64(t.data[i*16+8:], e.bitmap)
+		img.noteTableWord(t, i*16)
+		img.noteTableWord(t, i*16+8)
 	} else {
 		binary.BigEndian.PutUint64(t.data[i*8:], e.std)
+		img.noteTableWord(t, i*8)
 	}
 	t.dirty = true
 }
@@ -366,6 +416,7 @@ func (img *Image) l2Table(l1i int64, alloc bool) (*table, error) {
 
 func (img *Image) setL1(i int64, v uint64) {
 	img.l1[i] = v
+	img.note(recL1, int64(img.hdr.l1TableOffset)+i*8, nil)
 	if img.l1DirtyLo < 0 {
 		img.l1DirtyLo, img.l1DirtyHi = i, i+1
 		return
@@ -494,7 +545,8 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	defer img.gate.RUnlock()
-	return img.write(p, off)
+	n, err := img.write(p, off)
+	return n, img.commitAfter(err)
 }
 
 func (img *Image) write(p []byte, off int64) (int, error) {
@@ -674,7 +726,7 @@ func (img *Image) WriteZeroes(off, length int64, unmap bool) error {
 		return err
 	}
 	defer img.gate.RUnlock()
-	return img.zeroRange(off, length, func(e l2Entry) l2Entry {
+	return img.commitAfter(img.zeroRange(off, length, func(e l2Entry) l2Entry {
 		if img.unallocated(e) {
 			return e // reads as zeros already: there is no backing file
 		}
@@ -682,7 +734,7 @@ func (img *Image) WriteZeroes(off, length int64, unmap bool) error {
 			return img.zeroEntry(int64(e.std & offsetMask))
 		}
 		return img.zeroEntry(0)
-	}, true)
+	}, true))
 }
 
 // Discard drops the data of the whole clusters in [off, off+length): they
@@ -693,7 +745,7 @@ func (img *Image) Discard(off, length int64) error {
 		return err
 	}
 	defer img.gate.RUnlock()
-	return img.zeroRange(off, length, func(l2Entry) l2Entry { return l2Entry{} }, false)
+	return img.commitAfter(img.zeroRange(off, length, func(l2Entry) l2Entry { return l2Entry{} }, false))
 }
 
 // zeroRange gives every whole cluster in the range the entry replace
@@ -798,12 +850,16 @@ func (img *Image) Flush() error {
 		return ErrClosed
 	}
 	img.mu.Lock()
-	defer img.mu.Unlock()
-	return img.flushLocked()
+	err := img.flushLocked()
+	img.mu.Unlock()
+	// The refcounts releasePending lowered are in memory only.
+	return img.commitAfter(err)
 }
 
 // flushLocked writes back the metadata, then the write pointers, which
-// may only cover what is durable, then lets go of freed clusters.
+// may only cover what is durable, then lets go of freed clusters. The
+// journal is reset in between: it covered what is now durable, and the
+// release is the first change of its next generation.
 func (img *Image) flushLocked() error {
 	if err := img.writeback(); err != nil {
 		return err
@@ -811,11 +867,17 @@ func (img *Image) flushLocked() error {
 	if err := img.writeWritePointers(); err != nil {
 		return err
 	}
+	if img.journal != nil {
+		if err := img.journal.reset(); err != nil {
+			return err
+		}
+	}
 	return img.releasePending()
 }
 
 // Close flushes the image and closes its file. The image is clean on disk
-// afterwards: no leak, no dirty metadata.
+// afterwards: no leak, no dirty metadata, and its journal is removed (kept
+// if the flush failed).
 func (img *Image) Close() error {
 	img.gate.Lock()
 	defer img.gate.Unlock()
@@ -833,7 +895,16 @@ func (img *Image) Close() error {
 			err = img.writeback()
 		}
 	}
-	return errors.Join(err, img.file.Close())
+	return errors.Join(err, img.closeJournal(err == nil), img.file.Close())
+}
+
+// commitAfter appends the journal batch of a mutating call that ended
+// with err: a call that fails midway may have changed metadata too.
+func (img *Image) commitAfter(err error) error {
+	if cerr := img.commit(); cerr != nil {
+		return errors.Join(err, cerr)
+	}
+	return err
 }
 
 // Map reports how [off, off+length) is stored, as runs of data and zeros.
@@ -879,6 +950,7 @@ func (img *Image) Info() Info {
 		ExtendedL2:      img.extendedL2,
 		Dirty:           h.incompatible&incompatDirty != 0,
 		Corrupt:         h.incompatible&incompatCorrupt != 0,
+		JournalReplayed: img.journalReplayed,
 	}
 	if img.zones != nil {
 		z := img.zones.Zones

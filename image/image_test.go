@@ -237,37 +237,29 @@ func TestWriteZeroesWritesNoData(t *testing.T) {
 	mustCheckClean(t, img)
 }
 
-func TestConcurrentWritersToSharedClusters(t *testing.T) {
-	const (
-		size    = 32 << 20
-		block   = 4096
-		writers = 16
-	)
-	s := createMem(t, CreateOptions{Size: size})
-	img := openMem(t, s, OpenOptions{CacheSize: 64 << 10})
-	// Writer w owns every writers-th 4 KiB block, so each 64 KiB cluster is
-	// allocated by whichever of its writers comes first while the others
-	// wait or write in place.
+// writeInterleaved has writers goroutines write every writers-th block of
+// [0, size), each with its own byte, calling Flush after the blocks flushAt
+// picks, and returns what the image must then hold.
+func writeInterleaved(t *testing.T, img *Image, size, block, writers int, flushAt func(b, w int) bool) []byte {
+	t.Helper()
 	var wg sync.WaitGroup
 	errs := make(chan error, writers)
 	for w := range writers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			p := bytes.Repeat([]byte{byte(w + 1)}, block)
 			for b := w; b < size/block; b += writers {
-				if _, err := img.WriteAt(p, int64(b)*block); err != nil {
+				if _, err := img.WriteAt(p, int64(b*block)); err != nil {
 					errs <- err
 					return
 				}
-				if b%(writers*64) == w {
+				if flushAt(b, w) {
 					if err := img.Flush(); err != nil {
 						errs <- err
 						return
 					}
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	close(errs)
@@ -280,6 +272,21 @@ func TestConcurrentWritersToSharedClusters(t *testing.T) {
 			model[b*block+i] = byte(b%writers + 1)
 		}
 	}
+	return model
+}
+
+func TestConcurrentWritersToSharedClusters(t *testing.T) {
+	const (
+		size    = 32 << 20
+		block   = 4096
+		writers = 16
+	)
+	s := createMem(t, CreateOptions{Size: size})
+	img := openMem(t, s, OpenOptions{CacheSize: 64 << 10})
+	// Writer w owns every writers-th 4 KiB block, so each 64 KiB cluster is
+	// allocated by whichever of its writers comes first while the others
+	// wait or write in place.
+	model := writeInterleaved(t, img, size, block, writers, func(b, w int) bool { return b%(writers*64) == w })
 	mustMatch(t, img, model)
 	img = reopen(t, img, s, OpenOptions{})
 	mustMatch(t, img, model)
@@ -293,16 +300,21 @@ func TestConcurrentWritersToSharedClusters(t *testing.T) {
 // TestCrashLeavesNoCorruption cuts power at random points of a random
 // workload: the image must open, check without corruption (leaks are
 // allowed) and hold everything written before the last completed flush.
+// With a journal, the power cut is a reboot: the journal, kept as a file
+// system may keep it, belongs to the old boot and must be ignored, and
+// must not have changed what reaches the image file or when.
 func TestCrashLeavesNoCorruption(t *testing.T) {
 	cuts := crashCuts(500)
-	for _, cs := range []int{512, 65536} {
-		t.Run(fmt.Sprint(cs), func(t *testing.T) {
-			t.Parallel()
-			r := rand.New(rand.NewPCG(uint64(cs), 1))
-			for cut := range cuts {
-				crashOnce(t, r, cs, cut)
-			}
-		})
+	for _, journaled := range []bool{false, true} {
+		for _, cs := range []int{512, 65536} {
+			t.Run(fmt.Sprintf("cluster=%d/journal=%v", cs, journaled), func(t *testing.T) {
+				t.Parallel()
+				r := rand.New(rand.NewPCG(uint64(cs), 1))
+				for cut := range cuts {
+					crashOnce(t, r, cs, cut, journaled)
+				}
+			})
+		}
 	}
 }
 
@@ -318,13 +330,19 @@ func crashCuts(n int) int {
 	return n
 }
 
-func crashOnce(t *testing.T, r *rand.Rand, cs int, cut int) {
+func crashOnce(t *testing.T, r *rand.Rand, cs int, cut int, journaled bool) {
 	size := int64(4 << 20)
 	if cs == 512 {
 		size = 2 << 20
 	}
 	s := createMem(t, CreateOptions{Size: size, ClusterSize: cs, RefcountBits: 16})
-	img := openMem(t, s, OpenOptions{CacheSize: int64(cs) * 16})
+	opts := OpenOptions{CacheSize: int64(cs) * 16}
+	var journal *memStorage
+	if journaled {
+		journal = newMemStorage(nil)
+		opts.Journal, opts.BootID = journal, bootA
+	}
+	img := openMem(t, s, opts)
 	// The power cut comes at a random call to the file, inside whatever
 	// write, writeback or flush is running then.
 	s.mu.Lock()
@@ -380,12 +398,19 @@ func crashOnce(t *testing.T, r *rand.Rand, cs int, cut int) {
 		}
 	}
 	// A repairing open of the crashed image leaves it clean.
-	img3, err := OpenStorage(newMemStorage(crashed.bytes()), OpenOptions{})
+	reopts := OpenOptions{}
+	if journaled {
+		reopts.Journal, reopts.BootID = newMemStorage(journal.bytes()), bootB
+	}
+	img3, err := OpenStorage(newMemStorage(crashed.bytes()), reopts)
 	if err != nil {
 		t.Fatalf("cut %d: read-write open: %v", cut, err)
 	}
 	if res, err := img3.Check(true); err != nil || !res.Clean() {
 		t.Fatalf("cut %d: repair: %v %+v", cut, err, res)
+	}
+	if img3.Info().JournalReplayed != 0 {
+		t.Fatalf("cut %d: the journal of the boot before the power cut was replayed", cut)
 	}
 	img.Close()
 }

@@ -102,12 +102,27 @@ func (img *Image) setRefcount(c int64, v uint64) error {
 	if err != nil {
 		return err
 	}
-	setRefcountEntry(t.data, c%img.refblockEntries, img.hdr.refcountBits(), v)
-	t.dirty = true
+	img.setRefcountIn(t, c%img.refblockEntries, v)
 	if v == 0 && c < img.freeHint {
 		img.freeHint = c
 	}
 	return nil
+}
+
+// setRefcountIn sets entry i of refcount block t. The journal takes the
+// aligned 8-byte word holding it, as narrow entries share bytes.
+func (img *Image) setRefcountIn(t *table, i int64, v uint64) {
+	w := img.hdr.refcountBits()
+	setRefcountEntry(t.data, i, w, v)
+	t.dirty = true
+	img.noteTableWord(t, i*int64(w)/8)
+}
+
+// setRefTable points refcount table entry bi at the block at off.
+func (img *Image) setRefTable(bi, off int64) {
+	img.refTable[bi] = uint64(off)
+	img.refTableDirty = true
+	img.note(recRefTable, img.refTableOffset+bi*8, nil)
 }
 
 // addRefblock gives block index bi a new, empty refcount block allocated
@@ -129,8 +144,7 @@ func (img *Image) addRefblock(bi int64) error {
 	if _, err := img.newTable(c*img.clusterSize, kindRefblock); err != nil {
 		return err
 	}
-	img.refTable[bi] = uint64(c * img.clusterSize)
-	img.refTableDirty = true
+	img.setRefTable(bi, c*img.clusterSize)
 	return nil
 }
 
@@ -169,10 +183,9 @@ func (img *Image) allocClusters(n int64) (int64, error) {
 				return 0, err
 			}
 			if self {
-				setRefcountEntry(t.data, start%img.refblockEntries, img.hdr.refcountBits(), 1)
+				img.setRefcountIn(t, start%img.refblockEntries, 1)
 			}
-			img.refTable[bi] = uint64(start * img.clusterSize)
-			img.refTableDirty = true
+			img.setRefTable(bi, start*img.clusterSize)
 			img.highWater = max(img.highWater, start+1)
 			continue
 		}

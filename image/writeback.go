@@ -42,6 +42,7 @@ func (img *Image) newTable(off int64, kind tableKind) (*table, error) {
 		// A stale copy of what the cluster held before it was freed.
 		clear(t.data)
 		t.kind, t.dirty = kind, true
+		img.noteNewTable(t)
 		return t, nil
 	}
 	if err := img.makeRoom(); err != nil {
@@ -49,6 +50,7 @@ func (img *Image) newTable(off int64, kind tableKind) (*table, error) {
 	}
 	t := &table{off: off, kind: kind, data: make([]byte, img.clusterSize), dirty: true}
 	img.cache.add(t)
+	img.noteNewTable(t)
 	return t, nil
 }
 

@@ -224,8 +224,9 @@ func (img *Image) WritePointers() []int64 {
 	return append([]int64(nil), img.writePointers...)
 }
 
-// SetWritePointer records zone's write pointer. It is an in-memory update;
-// Flush makes it durable, after the data and metadata written before it.
+// SetWritePointer records zone's write pointer. It is an in-memory update
+// (and, with a journal, a journal append); Flush makes it durable, after
+// the data and metadata written before it.
 // The caller sets a pointer only once the data below it has been written.
 func (img *Image) SetWritePointer(zone int, wp int64) error {
 	if img.zones == nil {
@@ -242,17 +243,25 @@ func (img *Image) SetWritePointer(zone int, wp int64) error {
 		return fmt.Errorf("zone %d: write pointer %#x outside [%#x, %#x]: %w", zone, wp, start, start+img.zones.ZoneSize, ErrOutOfRange)
 	}
 	img.mu.Lock()
-	defer img.mu.Unlock()
 	if img.writePointers[zone] == wp {
+		img.mu.Unlock()
 		return nil
 	}
+	img.markWritePointer(zone, wp)
+	img.mu.Unlock()
+	return img.commit()
+}
+
+// markWritePointer sets zone's write pointer and marks its entry dirty.
+// img.mu is held.
+func (img *Image) markWritePointer(zone int, wp int64) {
 	img.writePointers[zone] = wp
+	img.note(recWritePointer, int64(img.zones.metaOffset)+int64(zone)*8, nil)
 	if img.wpDirtyLo < 0 {
 		img.wpDirtyLo, img.wpDirtyHi = zone, zone+1
 	} else {
 		img.wpDirtyLo, img.wpDirtyHi = min(img.wpDirtyLo, zone), max(img.wpDirtyHi, zone+1)
 	}
-	return nil
 }
 
 // writeWritePointers writes the dirty span of the table and syncs. Flush

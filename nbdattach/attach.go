@@ -9,6 +9,7 @@ package nbdattach
 import (
 	"errors"
 	"fmt"
+	"github.com/zq-csi/zq-csi/volume"
 	"net"
 	"os"
 	"runtime"
@@ -107,7 +108,7 @@ func (d *Device) Wait() error {
 	return d.err
 }
 
-func (o Options) export(b Backend) *Export {
+func (o Options) export(b volume.Backend) *Export {
 	return &Export{Backend: b, ReadOnly: o.ReadOnly}
 }
 
@@ -201,7 +202,7 @@ func (d *Device) watch() {
 // serves it in-process until the device is disconnected (Detach,
 // Disconnect) or Close. The caller owns b: it flushes (Detach does too)
 // and closes the image after Done.
-func Attach(b Backend, opts Options) (*Device, error) {
+func Attach(b volume.Backend, opts Options) (*Device, error) {
 	exp := opts.export(b)
 	size := b.Size()
 	bs, err := opts.blockSize(size)
@@ -250,7 +251,7 @@ const (
 // while the kernel holds its I/O for the dead-connection timeout. The
 // kernel replaces only dead connections: give as many as the device had
 // (opts.Connections). Size and flags stay as the device has them.
-func Recover(index int, b Backend, opts Options) (*Device, error) {
+func Recover(index int, b volume.Backend, opts Options) (*Device, error) {
 	exp := opts.export(b)
 	n, err := dialNBD()
 	if err != nil {

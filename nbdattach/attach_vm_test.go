@@ -10,11 +10,9 @@
 package nbdattach
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,64 +23,15 @@ import (
 	"time"
 	"unsafe"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/test/e2e/vmtest"
+	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
-func TestMain(m *testing.M) {
-	if os.Getenv("ZQ_VM") != "1" {
-		fmt.Fprintln(os.Stderr, "these tests need the VM harness kernel: run test/e2e/vm-go-test.sh ./nbdattach/ (ZQ_VM=1 is not set)")
-		os.Exit(2)
-	}
-	os.Exit(m.Run())
-}
+func TestMain(m *testing.M) { vmtest.Main(m, "./nbdattach/") }
 
 const blkGetSize64 = 0x80081272 // _IOR(0x12, 114, u64)
-
-// alignedBuf is a page-aligned buffer for O_DIRECT.
-func alignedBuf(t *testing.T, n int) []byte {
-	t.Helper()
-	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Munmap(b) })
-	return b
-}
-
-func pattern(n int, seed byte) []byte {
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = seed + byte(i*7+i/4096)
-	}
-	return b
-}
-
-func openDirect(t *testing.T, path string) *os.File {
-	t.Helper()
-	f, err := os.OpenFile(path, os.O_RDWR|syscall.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return f
-}
-
-func directRead(t *testing.T, f *os.File, off int64, n int) []byte {
-	t.Helper()
-	b := alignedBuf(t, n)
-	if _, err := f.ReadAt(b, off); err != nil {
-		t.Fatalf("O_DIRECT read at %#x+%#x of %s: %v", off, n, f.Name(), err)
-	}
-	return append([]byte(nil), b...)
-}
-
-func directWrite(f *os.File, p []byte, off int64, buf []byte) error {
-	copy(buf, p)
-	_, err := f.WriteAt(buf[:len(p)], off)
-	return err
-}
 
 // deviceSize reads the size of the block device both ways: sysfs and
 // BLKGETSIZE64.
@@ -130,7 +79,7 @@ func waitDisconnected(t *testing.T, index int) {
 	}
 }
 
-func attach(t *testing.T, b Backend, opts Options) *Device {
+func attach(t *testing.T, b volume.Backend, opts Options) *Device {
 	t.Helper()
 	d, err := Attach(b, opts)
 	if err != nil {
@@ -160,22 +109,6 @@ func detach(t *testing.T, d *Device) {
 	waitDisconnected(t, d.Index)
 }
 
-func checkImageClean(t *testing.T, path string) {
-	t.Helper()
-	img, err := image.Open(path, image.OpenOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	res, err := img.Check(false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !res.Clean() {
-		t.Fatalf("image check after detach: corruptions %v, leaks %v", res.Corruptions, res.Leaks)
-	}
-}
-
 // TestKernelDetachKeepsUnsyncedWrites: an application that wrote to the
 // device and has not synced (it still holds it open) loses nothing when
 // the device is detached.
@@ -189,7 +122,7 @@ func TestKernelDetachKeepsUnsyncedWrites(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := Attach(ImageBackend{Img: img}, Options{Index: Any, Connections: 1})
+	d, err := Attach(volume.Plain{Img: img}, Options{Index: Any, Connections: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,7 +131,7 @@ func TestKernelDetachKeepsUnsyncedWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	want := pattern(256<<10, 9)
+	want := vmtest.Pattern(256<<10, 9)
 	if _, err := f.WriteAt(want, 1<<20); err != nil {
 		t.Fatal(err)
 	}
@@ -228,7 +161,7 @@ func TestKernelAttachPlainImage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := attach(t, ImageBackend{Img: img}, Options{Index: Any, Connections: 2})
+	d := attach(t, volume.Plain{Img: img}, Options{Index: Any, Connections: 2})
 	if !strings.HasPrefix(d.Path(), "/dev/nbd") {
 		t.Fatalf("device path %q", d.Path())
 	}
@@ -239,9 +172,9 @@ func TestKernelAttachPlainImage(t *testing.T) {
 	// Buffered writes and fsync, at the start, across a cluster boundary
 	// and at the end.
 	writes := map[int64][]byte{
-		0:                pattern(128<<10, 1),
-		(1 << 20) - 4096: pattern(72<<10, 2),
-		size - 8192:      pattern(8192, 3),
+		0:                vmtest.Pattern(128<<10, 1),
+		(1 << 20) - 4096: vmtest.Pattern(72<<10, 2),
+		size - 8192:      vmtest.Pattern(8192, 3),
 	}
 	f, err := os.OpenFile(d.Path(), os.O_RDWR, 0)
 	if err != nil {
@@ -257,13 +190,13 @@ func TestKernelAttachPlainImage(t *testing.T) {
 	}
 	f.Close()
 	// Read back past the page cache.
-	df := openDirect(t, d.Path())
+	df := vmtest.OpenDirect(t, d.Path())
 	for off, p := range writes {
-		if got := directRead(t, df, off, len(p)); !bytes.Equal(got, p) {
+		if got := vmtest.DirectRead(t, df, off, len(p)); !bytes.Equal(got, p) {
 			t.Fatalf("read back at %#x through %s differs", off, d.Path())
 		}
 	}
-	if got := directRead(t, df, 4<<20, 4096); !bytes.Equal(got, make([]byte, 4096)) {
+	if got := vmtest.DirectRead(t, df, 4<<20, 4096); !bytes.Equal(got, make([]byte, 4096)) {
 		t.Fatalf("unwritten block does not read as zeros")
 	}
 	df.Close()
@@ -289,17 +222,17 @@ func TestKernelAttachPlainImage(t *testing.T) {
 	if err := img2.Close(); err != nil {
 		t.Fatal(err)
 	}
-	checkImageClean(t, path)
+	vmtest.CheckImageClean(t, path)
 
 	// Reattach: the data is still there.
 	img2, err = image.Open(path, image.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	d2 := attach(t, ImageBackend{Img: img2}, Options{Index: Any})
-	df2 := openDirect(t, d2.Path())
+	d2 := attach(t, volume.Plain{Img: img2}, Options{Index: Any})
+	df2 := vmtest.OpenDirect(t, d2.Path())
 	for off, p := range writes {
-		if got := directRead(t, df2, off, len(p)); !bytes.Equal(got, p) {
+		if got := vmtest.DirectRead(t, df2, off, len(p)); !bytes.Equal(got, p) {
 			t.Fatalf("after reattach: read at %#x through %s differs", off, d2.Path())
 		}
 	}
@@ -308,15 +241,15 @@ func TestKernelAttachPlainImage(t *testing.T) {
 	if err := img2.Close(); err != nil {
 		t.Fatal(err)
 	}
-	checkImageClean(t, path)
+	vmtest.CheckImageClean(t, path)
 }
 
 func TestKernelAttachReadOnly(t *testing.T) {
 	img := newImage(t, 16<<20)
-	if _, err := img.WriteAt(pattern(4096, 9), 0); err != nil {
+	if _, err := img.WriteAt(vmtest.Pattern(4096, 9), 0); err != nil {
 		t.Fatal(err)
 	}
-	d := attach(t, ImageBackend{Img: img}, Options{Index: Any, ReadOnly: true})
+	d := attach(t, volume.Plain{Img: img}, Options{Index: Any, ReadOnly: true})
 	ro, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/ro", d.Index))
 	if err != nil {
 		t.Fatal(err)
@@ -327,7 +260,7 @@ func TestKernelAttachReadOnly(t *testing.T) {
 	// The kernel refuses writes itself (EPERM) whether or not the open
 	// for writing succeeds; the image is unchanged.
 	if wf, err := os.OpenFile(d.Path(), os.O_RDWR|syscall.O_DIRECT, 0); err == nil {
-		werr := directWrite(wf, make([]byte, 4096), 0, alignedBuf(t, 4096))
+		werr := vmtest.DirectWrite(wf, make([]byte, 4096), 0, vmtest.AlignedBuf(t, 4096))
 		wf.Close()
 		if !errors.Is(werr, syscall.EPERM) && !errors.Is(werr, syscall.EROFS) {
 			t.Fatalf("write to read-only %s: %v, want EPERM", d.Path(), werr)
@@ -337,7 +270,7 @@ func TestKernelAttachReadOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := directRead(t, f, 0, 4096); !bytes.Equal(got, pattern(4096, 9)) {
+	if got := vmtest.DirectRead(t, f, 0, 4096); !bytes.Equal(got, vmtest.Pattern(4096, 9)) {
 		t.Fatalf("read-only device reads wrong data")
 	}
 	f.Close()
@@ -347,13 +280,13 @@ func TestKernelAttachReadOnly(t *testing.T) {
 func TestKernelAttachZonedImage(t *testing.T) {
 	// Zone 0 conventional, zones 1..7 sequential (1 MiB, capacity 768 KiB).
 	path, img, dev := newZonedImage(t, 8<<20, 4)
-	d := attach(t, ZonedBackend{Img: img, Dev: dev}, Options{Index: Any, BlockSize: 512})
+	d := attach(t, volume.Zoned{Img: img, Dev: dev}, Options{Index: Any, BlockSize: 512})
 	if got := deviceSize(t, d); got != 8<<20 {
 		t.Fatalf("%s size %d, want %d", d.Path(), got, 8<<20)
 	}
-	f := openDirect(t, d.Path())
+	f := vmtest.OpenDirect(t, d.Path())
 	defer f.Close()
-	buf := alignedBuf(t, 256<<10)
+	buf := vmtest.AlignedBuf(t, 256<<10)
 	z1 := int64(testZoneSize)
 	wp1 := func() int64 {
 		z, err := dev.ZoneAt(z1)
@@ -364,11 +297,11 @@ func TestKernelAttachZonedImage(t *testing.T) {
 	}
 
 	// Writes at the write pointer succeed and move it.
-	a, b := pattern(64<<10, 11), pattern(64<<10, 12)
-	if err := directWrite(f, a, z1, buf); err != nil {
+	a, b := vmtest.Pattern(64<<10, 11), vmtest.Pattern(64<<10, 12)
+	if err := vmtest.DirectWrite(f, a, z1, buf); err != nil {
 		t.Fatalf("write at the write pointer %#x: %v", z1, err)
 	}
-	if err := directWrite(f, b, z1+64<<10, buf); err != nil {
+	if err := vmtest.DirectWrite(f, b, z1+64<<10, buf); err != nil {
 		t.Fatalf("write at the write pointer %#x: %v", z1+64<<10, err)
 	}
 	if got := wp1(); got != z1+128<<10 {
@@ -377,7 +310,7 @@ func TestKernelAttachZonedImage(t *testing.T) {
 
 	// A write elsewhere in the zone fails with EIO; the pointer stays.
 	for _, off := range []int64{z1 + 512<<10, z1, z1 + 64<<10} {
-		err := directWrite(f, pattern(4096, 13), off, buf)
+		err := vmtest.DirectWrite(f, vmtest.Pattern(4096, 13), off, buf)
 		if !errors.Is(err, syscall.EIO) {
 			t.Fatalf("write at %#x (write pointer %#x): %v, want EIO", off, z1+128<<10, err)
 		}
@@ -386,21 +319,21 @@ func TestKernelAttachZonedImage(t *testing.T) {
 		}
 	}
 	// Past the capacity of zone 2 (its pointer is at its start).
-	if err := directWrite(f, pattern(4096, 14), 2*z1+testZoneCap, buf); !errors.Is(err, syscall.EIO) {
+	if err := vmtest.DirectWrite(f, vmtest.Pattern(4096, 14), 2*z1+testZoneCap, buf); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("write past the zone capacity: %v, want EIO", err)
 	}
 	// The conventional zone takes writes anywhere.
-	c := pattern(8192, 15)
-	if err := directWrite(f, c, 256<<10, buf); err != nil {
+	c := vmtest.Pattern(8192, 15)
+	if err := vmtest.DirectWrite(f, c, 256<<10, buf); err != nil {
 		t.Fatalf("write in the conventional zone: %v", err)
 	}
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
-	if got := directRead(t, f, z1, 128<<10); !bytes.Equal(got, append(append([]byte(nil), a...), b...)) {
+	if got := vmtest.DirectRead(t, f, z1, 128<<10); !bytes.Equal(got, append(append([]byte(nil), a...), b...)) {
 		t.Fatalf("zone 1 reads back wrong data")
 	}
-	if got := directRead(t, f, z1+128<<10, 4096); !bytes.Equal(got, make([]byte, 4096)) {
+	if got := vmtest.DirectRead(t, f, z1+128<<10, 4096); !bytes.Equal(got, make([]byte, 4096)) {
 		t.Fatalf("zone 1 past the write pointer does not read as zeros")
 	}
 	f.Close()
@@ -411,7 +344,7 @@ func TestKernelAttachZonedImage(t *testing.T) {
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
 	}
-	checkImageClean(t, path)
+	vmtest.CheckImageClean(t, path)
 
 	// The write pointer and the data persisted.
 	img2, err := image.Open(path, image.OpenOptions{ReadOnly: true})
@@ -448,15 +381,15 @@ func TestKernelRecoverAfterServerDeath(t *testing.T) {
 		t.Fatal(err)
 	}
 	opts := Options{Index: Any, Connections: 2, DeadConnTimeout: 60 * time.Second}
-	d, err := Attach(ImageBackend{Img: img}, opts)
+	d, err := Attach(volume.Plain{Img: img}, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := openDirect(t, d.Path())
+	f := vmtest.OpenDirect(t, d.Path())
 	defer f.Close()
-	buf := alignedBuf(t, 64<<10)
-	a := pattern(64<<10, 21)
-	if err := directWrite(f, a, 0, buf); err != nil {
+	buf := vmtest.AlignedBuf(t, 64<<10)
+	a := vmtest.Pattern(64<<10, 21)
+	if err := vmtest.DirectWrite(f, a, 0, buf); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.Sync(); err != nil {
@@ -478,14 +411,14 @@ func TestKernelRecoverAfterServerDeath(t *testing.T) {
 		err  error
 	}
 	held := make(chan result, 1)
-	b := pattern(64<<10, 22)
+	b := vmtest.Pattern(64<<10, 22)
 	go func() {
-		wbuf := alignedBuf(t, 64<<10)
-		if err := directWrite(f, b, 1<<20, wbuf); err != nil {
+		wbuf := vmtest.AlignedBuf(t, 64<<10)
+		if err := vmtest.DirectWrite(f, b, 1<<20, wbuf); err != nil {
 			held <- result{nil, fmt.Errorf("held write: %w", err)}
 			return
 		}
-		rbuf := alignedBuf(t, 64<<10)
+		rbuf := vmtest.AlignedBuf(t, 64<<10)
 		_, err := f.ReadAt(rbuf, 0)
 		held <- result{append([]byte(nil), rbuf...), err}
 	}()
@@ -500,7 +433,7 @@ func TestKernelRecoverAfterServerDeath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d2, err := Recover(d.Index, ImageBackend{Img: img2}, opts)
+	d2, err := Recover(d.Index, volume.Plain{Img: img2}, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -516,14 +449,14 @@ func TestKernelRecoverAfterServerDeath(t *testing.T) {
 		t.Fatalf("held I/O did not resume within 30s of the RECONFIGURE")
 	}
 	// And new I/O works on the same device.
-	c := pattern(4096, 23)
-	if err := directWrite(f, c, size-4096, buf); err != nil {
+	c := vmtest.Pattern(4096, 23)
+	if err := vmtest.DirectWrite(f, c, size-4096, buf); err != nil {
 		t.Fatalf("write after the recovery: %v", err)
 	}
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
-	if got := directRead(t, f, 1<<20, len(b)); !bytes.Equal(got, b) {
+	if got := vmtest.DirectRead(t, f, 1<<20, len(b)); !bytes.Equal(got, b) {
 		t.Fatalf("the held write did not land")
 	}
 	f.Close()
@@ -542,14 +475,14 @@ func TestKernelRecoverAfterServerDeath(t *testing.T) {
 			t.Fatalf("image at %#x differs after the recovery (%v)", off, err)
 		}
 	}
-	checkImageClean(t, path)
+	vmtest.CheckImageClean(t, path)
 }
 
 // TestKernelDisconnectEndsServing: a DISCONNECT from outside (zq-csi
 // detach) ends the serving side without error.
 func TestKernelDisconnectEndsServing(t *testing.T) {
 	img := newImage(t, 16<<20)
-	d := attach(t, ImageBackend{Img: img}, Options{Index: Any})
+	d := attach(t, volume.Plain{Img: img}, Options{Index: Any})
 	if err := Disconnect(d.Index); err != nil {
 		t.Fatal(err)
 	}
@@ -571,8 +504,8 @@ func TestKernelDisconnectEndsServing(t *testing.T) {
 
 func TestKernelRecoverWithoutDeadConnectionFails(t *testing.T) {
 	img := newImage(t, 16<<20)
-	d := attach(t, ImageBackend{Img: img}, Options{Index: Any})
-	_, err := Recover(d.Index, ImageBackend{Img: img}, Options{Connections: 1})
+	d := attach(t, volume.Plain{Img: img}, Options{Index: Any})
+	_, err := Recover(d.Index, volume.Plain{Img: img}, Options{Connections: 1})
 	if err == nil {
 		t.Fatal("Recover of a device whose connections are alive succeeded")
 	}
@@ -580,167 +513,84 @@ func TestKernelRecoverWithoutDeadConnectionFails(t *testing.T) {
 	detach(t, d)
 }
 
-// zqCSI returns the zq-csi binary: $ZQ_CSI_BIN when set (built on the
-// host, e.g. bin/zq-csi), else one built now.
-func zqCSI(t *testing.T) string {
-	t.Helper()
-	if p := os.Getenv("ZQ_CSI_BIN"); p != "" {
-		return p
-	}
-	bin := filepath.Join(t.TempDir(), "zq-csi")
-	out, err := exec.Command("go", "build", "-o", bin, "../cmd/zq-csi").CombinedOutput()
-	if err != nil {
-		t.Fatalf("go build zq-csi: %v\n%s", err, out)
-	}
-	return bin
-}
-
-// attachCmd is a running `zq-csi attach`.
-type attachCmd struct {
-	cmd    *exec.Cmd
-	dev    string
-	stderr *bytes.Buffer
-	exited chan error
-}
-
-func startAttach(t *testing.T, bin string, args ...string) *attachCmd {
-	t.Helper()
-	a := &attachCmd{cmd: exec.Command(bin, append([]string{"attach"}, args...)...), stderr: &bytes.Buffer{}, exited: make(chan error, 1)}
-	a.cmd.Stderr = a.stderr
-	out, err := a.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	line := make(chan string, 1)
-	go func() {
-		r := bufio.NewReader(out)
-		s, _ := r.ReadString('\n')
-		line <- strings.TrimSpace(s)
-		io.Copy(io.Discard, r)
-		a.exited <- a.cmd.Wait()
-	}()
-	select {
-	case a.dev = <-line:
-	case <-time.After(30 * time.Second):
-		a.cmd.Process.Kill()
-		t.Fatalf("zq-csi attach printed no device in 30s; stderr: %s", a.stderr)
-	}
-	if !strings.HasPrefix(a.dev, "/dev/nbd") {
-		a.cmd.Process.Kill()
-		t.Fatalf("zq-csi attach printed %q; stderr: %s", a.dev, a.stderr)
-	}
-	t.Cleanup(func() {
-		if a.cmd.ProcessState == nil {
-			a.cmd.Process.Kill()
-			<-a.exited
-		}
-	})
-	return a
-}
-
-// wait waits for the attach process to exit and returns its error.
-func (a *attachCmd) wait(t *testing.T) error {
-	t.Helper()
-	select {
-	case err := <-a.exited:
-		return err
-	case <-time.After(30 * time.Second):
-		a.cmd.Process.Kill()
-		t.Fatalf("zq-csi attach did not exit in 30s; stderr: %s", a.stderr)
-	}
-	return nil
-}
-
-func runTool(t *testing.T, name string, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
 // TestKernelAttachCLI runs the zq-csi binary: attach, dd and fio against
 // the device, detach; attach and SIGTERM; attach, SIGKILL and take the
 // device back with attach --recover.
 func TestKernelAttachCLI(t *testing.T) {
-	bin := zqCSI(t)
+	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
 	dir := t.TempDir()
 	path := filepath.Join(dir, "cli.qcow2")
 	if err := image.Create(path, image.CreateOptions{Size: 64 << 20}); err != nil {
 		t.Fatal(err)
 	}
 	pat := filepath.Join(dir, "pattern")
-	if err := os.WriteFile(pat, pattern(4<<20, 31), 0o600); err != nil {
+	if err := os.WriteFile(pat, vmtest.Pattern(4<<20, 31), 0o600); err != nil {
 		t.Fatal(err)
 	}
 
 	// attach, dd, fio, detach.
-	a := startAttach(t, bin, "--backend", "nbd", "--connections", "2", path)
-	runTool(t, "dd", "if="+pat, "of="+a.dev, "bs=1M", "oflag=direct", "conv=fsync", "status=none")
+	a := vmtest.StartAttach(t, bin, "/dev/nbd", "--backend", "nbd", "--connections", "2", path)
+	vmtest.Run(t, "dd", "if="+pat, "of="+a.Dev, "bs=1M", "oflag=direct", "conv=fsync", "status=none")
 	back := filepath.Join(dir, "back")
-	runTool(t, "dd", "if="+a.dev, "of="+back, "bs=1M", "count=4", "iflag=direct", "status=none")
-	if got, _ := os.ReadFile(back); !bytes.Equal(got, pattern(4<<20, 31)) {
-		t.Fatalf("dd read back from %s differs", a.dev)
+	vmtest.Run(t, "dd", "if="+a.Dev, "of="+back, "bs=1M", "count=4", "iflag=direct", "status=none")
+	if got, _ := os.ReadFile(back); !bytes.Equal(got, vmtest.Pattern(4<<20, 31)) {
+		t.Fatalf("dd read back from %s differs", a.Dev)
 	}
 	if _, err := exec.LookPath("fio"); err == nil {
-		out := runTool(t, "fio", "--name=verify", "--filename="+a.dev, "--rw=randwrite", "--bs=4k",
+		out := vmtest.Run(t, "fio", "--name=verify", "--filename="+a.Dev, "--rw=randwrite", "--bs=4k",
 			"--offset=16M", "--size=4M", "--direct=1", "--ioengine=psync", "--verify=crc32c",
 			"--do_verify=1", "--output-format=terse")
 		t.Logf("fio: %d bytes of terse output", len(out))
 	}
-	runTool(t, bin, "detach", a.dev)
-	if err := a.wait(t); err != nil {
-		t.Fatalf("zq-csi attach after detach: %v; stderr: %s", err, a.stderr)
+	vmtest.Run(t, bin, "detach", a.Dev)
+	if err := a.Wait(t); err != nil {
+		t.Fatalf("zq-csi attach after detach: %v; stderr: %s", err, a.Stderr)
 	}
-	index, _ := ParseDevice(a.dev)
+	index, _ := ParseDevice(a.Dev)
 	waitDisconnected(t, index)
 	img, err := image.Open(path, image.OpenOptions{ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	got := make([]byte, 4<<20)
-	if _, err := img.ReadAt(got, 0); err != nil || !bytes.Equal(got, pattern(4<<20, 31)) {
+	if _, err := img.ReadAt(got, 0); err != nil || !bytes.Equal(got, vmtest.Pattern(4<<20, 31)) {
 		t.Fatalf("image bytes after detach differ (%v)", err)
 	}
 	img.Close()
-	checkImageClean(t, path)
+	vmtest.CheckImageClean(t, path)
 
 	// SIGTERM disconnects, flushes and exits 0.
-	a = startAttach(t, bin, path)
-	a.cmd.Process.Signal(syscall.SIGTERM)
-	if err := a.wait(t); err != nil {
-		t.Fatalf("zq-csi attach after SIGTERM: %v; stderr: %s", err, a.stderr)
+	a = vmtest.StartAttach(t, bin, "/dev/nbd", path)
+	a.Cmd.Process.Signal(syscall.SIGTERM)
+	if err := a.Wait(t); err != nil {
+		t.Fatalf("zq-csi attach after SIGTERM: %v; stderr: %s", err, a.Stderr)
 	}
-	index, _ = ParseDevice(a.dev)
+	index, _ = ParseDevice(a.Dev)
 	waitDisconnected(t, index)
 
 	// SIGKILL: the device stays, its I/O is held; attach --recover takes
 	// it back.
-	a = startAttach(t, bin, "--dead-conn-timeout", "60", path)
-	dev := a.dev
-	runTool(t, "dd", "if="+pat, "of="+dev, "bs=1M", "seek=8", "oflag=direct", "conv=fsync", "status=none")
-	a.cmd.Process.Kill()
-	a.wait(t)
+	a = vmtest.StartAttach(t, bin, "/dev/nbd", "--dead-conn-timeout", "60", path)
+	dev := a.Dev
+	vmtest.Run(t, "dd", "if="+pat, "of="+dev, "bs=1M", "seek=8", "oflag=direct", "conv=fsync", "status=none")
+	a.Cmd.Process.Kill()
+	a.Wait(t)
 	index, _ = ParseDevice(dev)
 	if connected, err := Status(index); err != nil || !connected {
 		t.Fatalf("%s after SIGKILL of its server: connected=%v, %v", dev, connected, err)
 	}
-	r := startAttach(t, bin, "--recover", dev, path)
-	if r.dev != dev {
-		t.Fatalf("attach --recover %s printed %s", dev, r.dev)
+	r := vmtest.StartAttach(t, bin, "/dev/nbd", "--recover", dev, path)
+	if r.Dev != dev {
+		t.Fatalf("attach --recover %s printed %s", dev, r.Dev)
 	}
-	runTool(t, "dd", "if="+dev, "of="+back, "bs=1M", "skip=8", "count=4", "iflag=direct", "status=none")
-	if got, _ := os.ReadFile(back); !bytes.Equal(got, pattern(4<<20, 31)) {
+	vmtest.Run(t, "dd", "if="+dev, "of="+back, "bs=1M", "skip=8", "count=4", "iflag=direct", "status=none")
+	if got, _ := os.ReadFile(back); !bytes.Equal(got, vmtest.Pattern(4<<20, 31)) {
 		t.Fatalf("dd read back after attach --recover differs")
 	}
-	runTool(t, bin, "detach", dev)
-	if err := r.wait(t); err != nil {
-		t.Fatalf("zq-csi attach --recover after detach: %v; stderr: %s", err, r.stderr)
+	vmtest.Run(t, bin, "detach", dev)
+	if err := r.Wait(t); err != nil {
+		t.Fatalf("zq-csi attach --recover after detach: %v; stderr: %s", err, r.Stderr)
 	}
 	waitDisconnected(t, index)
-	checkImageClean(t, path)
+	vmtest.CheckImageClean(t, path)
 }

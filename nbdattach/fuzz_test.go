@@ -12,7 +12,7 @@ import (
 	"github.com/zq-csi/zq-csi/image"
 )
 
-// memBackend is a Backend in memory that reports any call reaching
+// memBackend is a volume.Backend in memory that reports any call reaching
 // outside the export.
 type memBackend struct {
 	mu   sync.Mutex

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
@@ -96,7 +97,7 @@ func checkClean(t *testing.T, img *image.Image) {
 func TestInteropQemuIoReadWriteZeroDiscardFlush(t *testing.T) {
 	interop(t, "qemu-io", "qemu-img")
 	img := newImage(t, 64<<20)
-	sock, s := listen(t, &Export{Name: "disk", Backend: ImageBackend{img}})
+	sock, s := listen(t, &Export{Name: "disk", Backend: volume.Plain{Img: img}})
 	u := uri(sock, "disk")
 	info := mustRun(t, "qemu-img", "info", "-f", "raw", u)
 	if !strings.Contains(info, "virtual size: 64 MiB (67108864 bytes)") {
@@ -136,7 +137,7 @@ func TestInteropNbdinfoShowsCapabilitiesAndTheImageMap(t *testing.T) {
 	img.WriteAt(bytes.Repeat([]byte{2}, 64<<10), 5<<20)
 	img.WriteZeroes(5<<20, 64<<10, false)
 	img.WriteAt(bytes.Repeat([]byte{3}, 3<<20), 20<<20)
-	sock, _ := listen(t, &Export{Backend: ImageBackend{img}})
+	sock, _ := listen(t, &Export{Backend: volume.Plain{Img: img}})
 	var info struct {
 		Exports []map[string]any `json:"exports"`
 	}
@@ -195,7 +196,7 @@ func TestInteropNbdcopyRoundTripsAWholeImage(t *testing.T) {
 	}
 	dst := newImage(t, size)
 	dst.WriteAt(bytes.Repeat([]byte{0xee}, 8<<20), 16<<20) // must end up zero
-	sock, s := listen(t, &Export{Name: "src", Backend: ImageBackend{src}}, &Export{Name: "dst", Backend: ImageBackend{dst}})
+	sock, s := listen(t, &Export{Name: "src", Backend: volume.Plain{Img: src}}, &Export{Name: "dst", Backend: volume.Plain{Img: dst}})
 	raw := filepath.Join(t.TempDir(), "disk.raw")
 	mustRun(t, "nbdcopy", uri(sock, "src"), raw)
 	got, err := os.ReadFile(raw)
@@ -220,7 +221,7 @@ func TestInteropNbdcopyRoundTripsAWholeImage(t *testing.T) {
 func TestInteropZonedExportObeysTheWritePointer(t *testing.T) {
 	interop(t, "qemu-io")
 	_, img, dev := newZonedImage(t, 8<<20, 0)
-	sock, s := listen(t, &Export{Backend: ZonedBackend{img, dev}})
+	sock, s := listen(t, &Export{Backend: volume.Zoned{Img: img, Dev: dev}})
 	u := uri(sock, "")
 	z2 := int64(2 * testZoneSize)
 	qio := func(cmds ...string) string {

@@ -2,6 +2,7 @@ package nbdattach
 
 import (
 	"encoding/binary"
+	"github.com/zq-csi/zq-csi/volume"
 	"testing"
 )
 
@@ -93,7 +94,7 @@ func TestOptionsDefaults(t *testing.T) {
 	if _, err := (Options{BlockSize: 4096}).blockSize(1<<20 + 512); err == nil {
 		t.Error("block size 4096 accepted for a size that is not a multiple of it")
 	}
-	ro := serverFlags(&Export{Backend: ImageBackend{}, ReadOnly: true})
+	ro := serverFlags(&Export{Backend: volume.Plain{}, ReadOnly: true})
 	if ro&tflagReadOnly == 0 || ro&tflagSendTrim != 0 || ro&tflagHasFlags == 0 {
 		t.Errorf("read-only server flags %#x", ro)
 	}

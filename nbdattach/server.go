@@ -14,13 +14,14 @@ import (
 	"time"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/volume"
 )
 
 // Export is one named export of a Server.
 type Export struct {
 	Name        string
 	Description string
-	Backend     Backend
+	Backend     volume.Backend
 	// ReadOnly refuses writes with EPERM and advertises READ_ONLY; a
 	// read-only backend is always exported read-only.
 	ReadOnly bool

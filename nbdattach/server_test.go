@@ -14,13 +14,14 @@ import (
 	"time"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/volume"
 )
 
 const testSize = 16 << 20
 
 func plainExport(t testing.TB) (*Export, *image.Image) {
 	img := newImage(t, testSize)
-	return &Export{Name: "disk", Description: "test disk", Backend: ImageBackend{img}}, img
+	return &Export{Name: "disk", Description: "test disk", Backend: volume.Plain{Img: img}}, img
 }
 
 func TestHandshakeExportNameSendsSizeFlagsAndZeroes(t *testing.T) {

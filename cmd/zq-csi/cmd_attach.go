@@ -1,12 +1,13 @@
 package main
 
 // zq-csi attach / detach: hand an image to the kernel as a block device.
-// attach opens FILE (zoned or not, as export does), gives the kernel nbd
-// driver one end of N unix socketpairs over generic netlink and serves the
-// other ends in-process, prints /dev/nbdN and stays in the foreground until
-// SIGTERM/SIGINT (then it disconnects, flushes, closes the image and exits
-// 0) or until the kernel disconnects the device (zq-csi detach). It does
-// not daemonize: the caller backgrounds it.
+// attach opens FILE (zoned or not, as export does) and serves it in-process
+// through ublk (/dev/ublkbN, a host-managed zoned disk for a zoned image) or
+// the kernel nbd driver (/dev/nbdN, one end of unix socketpairs given over
+// generic netlink), prints the device and stays in the foreground until
+// SIGTERM/SIGINT (then it syncs and removes the device, flushes, closes the
+// image and exits 0) or until the device is removed from elsewhere (zq-csi
+// detach). It does not daemonize: the caller backgrounds it.
 
 import (
 	"errors"
@@ -15,53 +16,97 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/zq-csi/zq-csi/nbdattach"
+	"github.com/zq-csi/zq-csi/ublk"
+	"github.com/zq-csi/zq-csi/volume"
 )
 
 func attachUsage(w io.Writer) {
-	fmt.Fprintf(w, `Usage: zq-csi attach [--backend nbd] [--connections N] [--read-only] [--block-size 512|4096]
-                     [--timeout SEC] [--dead-conn-timeout SEC] [--device /dev/nbdN | --recover /dev/nbdN] FILE
+	fmt.Fprintf(w, `Usage: zq-csi attach [--backend ublk|nbd] [--read-only] [--block-size 512|4096]
+                     [--queues N] [--queue-depth N]
+                     [--connections N] [--timeout SEC] [--dead-conn-timeout SEC] [--device /dev/nbdN]
+                     [--recover /dev/ublkbN|/dev/nbdN] FILE
 
 Attach FILE (a qcow2 image, zoned or not) to the kernel as a block device
-served by this process, print the device path (/dev/nbdN) and serve it in
-the foreground (the command does not daemonize: background it yourself)
-until SIGTERM or SIGINT, which disconnect the device, flush and close the
-image and exit 0, or until the device is disconnected (zq-csi detach). The
-kernel nbd driver gets one end of unix socketpairs over generic netlink:
-nothing listens on the network or the filesystem. A zoned image keeps its
-zone rules (a write off the write pointer fails with EIO), but the kernel
-sees a plain disk. Needs root (CAP_SYS_ADMIN) and the nbd module.
+served by this process, print the device path and serve it in the
+foreground (the command does not daemonize: background it yourself) until
+SIGTERM or SIGINT, which sync and remove the device, flush and close the
+image and exit 0, or until the device is removed (zq-csi detach). Nothing
+listens on the network or the filesystem. Needs root (CAP_SYS_ADMIN).
 
-  --backend nbd          the kernel frontend; only nbd so far (ublk is not implemented yet)
-  --connections N        sockets the kernel spreads requests over (default: one per CPU, at most 2;
-                         1 for a zoned image, so writes to a zone stay in order)
+Backends:
+  ublk  /dev/ublkbN (ublk_drv module). A zoned image becomes a host-managed
+        zoned disk: the kernel knows its zones, limits and zone append
+        (blkzone, btrfs and f2fs zoned mode, fio --zonemode=zbd). Its zone
+        size must be a power of two and its size whole zones (Linux 6.6+).
+        If this process dies, the kernel holds the device's I/O until
+        'attach --recover /dev/ublkbN FILE' takes it back.
+  nbd   /dev/nbdN (nbd module). The kernel sees a plain disk; a zoned
+        image keeps its zone rules (a write off the write pointer fails
+        with EIO) but has no zone model.
+  The default is ublk when the kernel supports it for the image, else nbd
+  (a note on stderr says why).
+
+  --backend B            ublk or nbd (default: ublk where possible)
   --read-only            a read-only device
   --block-size B         logical block size, 512 or 4096 (default: 512 for a zoned image,
                          otherwise 4096 when the size is a multiple of it)
+  --recover DEV          take back DEV (/dev/ublkbN or /dev/nbdN) whose server died, instead of
+                         creating a device; its held I/O is served (ublk reissues it)
+ublk:
+  --queues N             hardware queues, each served by its own thread (default 1)
+  --queue-depth N        requests in flight per queue (default 64)
+nbd:
+  --connections N        sockets the kernel spreads requests over (default: one per CPU, at most 2;
+                         1 for a zoned image, so writes to a zone stay in order)
   --timeout SEC          per-request timeout of the kernel (default 0: none)
   --dead-conn-timeout SEC
                          how long the kernel holds I/O when this process is gone, waiting
                          for 'attach --recover' (default 60; 0: fail the I/O at once)
   --device /dev/nbdN     use this device (default: the first free one)
-  --recover /dev/nbdN    take back a device whose server died (its I/O is held) instead of
-                         connecting a new one; give the same --connections as the original
 `)
 }
 
 func detachUsage(w io.Writer) {
 	fmt.Fprintf(w, `Usage: zq-csi detach DEV
 
-Disconnect DEV (/dev/nbdN) from the process serving it (zq-csi attach),
-which then flushes and closes its image and exits 0.
+Remove DEV (/dev/ublkbN or /dev/nbdN) from the process serving it (zq-csi
+attach), which then flushes and closes its image and exits 0. A live ublk
+device is synced first; one whose server died is removed with its held I/O
+failed.
 `)
 }
 
+// attached is a device being served, whichever the backend.
+type attached interface {
+	Path() string
+	// Done is closed when the device was removed from elsewhere.
+	Done() <-chan struct{}
+	// Detach syncs and removes the device.
+	Detach() error
+	// Wait waits for the serving to end and releases the device.
+	Wait() error
+}
+
+// ublkAttached is a ublk.Device as an attached device.
+type ublkAttached struct {
+	*ublk.Device
+	ctrl *ublk.Control
+}
+
+func (u ublkAttached) Done() <-chan struct{} { return u.Stopped() }
+func (u ublkAttached) Detach() error         { return u.Stop() }
+func (u ublkAttached) Wait() error           { return errors.Join(u.Close(), u.ctrl.Close()) }
+
 func runAttach(e *env, args []string) int {
 	fs := newFlagSet(e.prog)
-	backend := fs.String("backend", "nbd", "kernel frontend")
+	backend := fs.String("backend", "", "kernel frontend")
 	conns := fs.Int("connections", 0, "connections")
 	readOnly := fs.Bool("read-only", false, "read-only device")
 	blockSize := fs.Int64("block-size", 0, "logical block size")
@@ -69,82 +114,81 @@ func runAttach(e *env, args []string) int {
 	deadConn := fs.Int("dead-conn-timeout", 60, "dead connection timeout, seconds")
 	device := fs.String("device", "", "device to use")
 	recoverDev := fs.String("recover", "", "device to take back")
+	queues := fs.Int("queues", 0, "ublk queues")
+	depth := fs.Int("queue-depth", 0, "ublk queue depth")
 	operands, err := parseInterspersed(fs, args)
 	if errors.Is(err, flag.ErrHelp) {
 		attachUsage(e.stdout)
 		return exitOK
 	}
-	index, recoverIndex := nbdattach.Any, -1
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if err == nil && *recoverDev != "" && *backend == "" {
+		// The device names its backend.
+		*backend = "nbd"
+		if strings.HasPrefix(*recoverDev, "/dev/ublk") {
+			*backend = "ublk"
+		}
+	}
 	switch {
 	case err != nil:
 	case len(operands) != 1:
 		err = usagef("expected one FILE, got %d operands", len(operands))
-	case *backend == "ublk":
-		err = usagef("--backend ublk: not implemented yet (a separate issue); use --backend nbd")
-	case *backend != "nbd":
-		err = usagef("--backend %q: must be nbd (ublk is not implemented yet)", *backend)
-	case *conns < 0 || *conns > 64:
-		err = usagef("--connections %d: must be 1 to 64", *conns)
+	case *backend != "" && *backend != "ublk" && *backend != "nbd":
+		err = usagef("--backend %q: must be ublk or nbd", *backend)
 	case *blockSize != 0 && *blockSize != 512 && *blockSize != 4096:
 		err = usagef("--block-size %d: must be 512 or 4096", *blockSize)
-	case *timeout < 0:
-		err = usagef("--timeout %d: must be 0 or more", *timeout)
-	case *deadConn < 0:
-		err = usagef("--dead-conn-timeout %d: must be 0 or more", *deadConn)
-	case *device != "" && *recoverDev != "":
-		err = usagef("--device and --recover exclude each other")
-	case *device != "":
-		if index, err = nbdattach.ParseDevice(*device); err != nil {
-			err = usagef("--device: %v", err)
-		}
-	case *recoverDev != "":
-		if recoverIndex, err = nbdattach.ParseDevice(*recoverDev); err != nil {
-			err = usagef("--recover: %v", err)
-		}
+	case *queues < 0 || *queues > 64:
+		err = usagef("--queues %d: must be 1 to 64", *queues)
+	case *depth < 0 || *depth > 4096:
+		err = usagef("--queue-depth %d: must be 1 to 4096", *depth)
+	case *backend == "ublk" && (set["connections"] || set["timeout"] || set["dead-conn-timeout"] || set["device"]):
+		err = usagef("--connections, --timeout, --dead-conn-timeout and --device apply to --backend nbd")
+	case *backend == "nbd" && (set["queues"] || set["queue-depth"]):
+		err = usagef("--queues and --queue-depth apply to --backend ublk")
 	}
 	if err != nil {
 		return e.fail(err, attachUsage)
 	}
 
-	img, dev, err := openSession(operands[0], *readOnly)
+	vol, err := openSession(operands[0], *readOnly)
 	if err != nil {
 		return e.fail(err, nil)
 	}
-	s := &ioSession{img: img, dev: dev, readOnly: *readOnly}
-	var b nbdattach.Backend = nbdattach.ImageBackend{Img: img}
-	bs := *blockSize
-	if dev != nil {
-		b = nbdattach.ZonedBackend{Img: img, Dev: dev}
-		if bs == 0 {
-			bs = 512
-		}
-		// The kernel sees a plain disk and spreads writes over the
-		// connections: with one, writes to a zone reach the device in the
-		// order the application issued them.
-		if *conns == 0 {
-			*conns = 1
-		}
+	if n := vol.Img.Info().JournalReplayed; n > 0 {
+		e.errorf("attach: %s: replayed %d journal batches left by a process that died", operands[0], n)
 	}
-	opts := nbdattach.Options{
-		Connections: *conns, BlockSize: bs, ReadOnly: *readOnly,
-		Timeout: time.Duration(*timeout) * time.Second, DeadConnTimeout: time.Duration(*deadConn) * time.Second,
-		Index: index,
-		Logf:  func(f string, a ...any) { e.errorf("attach: "+f, a...) },
+	// This process is in the writeback path of the device it serves: under
+	// memory pressure the kernel must not make it wait for that writeback.
+	if err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0); err != nil {
+		e.errorf("attach: PR_SET_IO_FLUSHER: %v (needs CAP_SYS_RESOURCE); writeback through the device could deadlock under memory pressure", err)
 	}
 
 	// Catch the signals before the device exists: a SIGTERM right after
-	// the path is printed must still disconnect it.
+	// the path is printed must still remove it.
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
-	var d *nbdattach.Device
-	if recoverIndex >= 0 {
-		d, err = nbdattach.Recover(recoverIndex, b, opts)
-	} else {
-		d, err = nbdattach.Attach(b, opts)
+
+	var d attached
+	if *backend != "nbd" {
+		opts := ublk.Options{Zones: vol.Zones, Queues: *queues, QueueDepth: *depth, LogicalBlockSize: int(*blockSize),
+			Logf: func(f string, a ...any) { e.errorf("attach: "+f, a...) }}
+		d, err = attachUBLK(vol.Backend, opts, *recoverDev)
+		if err != nil && *backend == "" && (errors.Is(err, ublk.ErrUnavailable) || errors.Is(err, ublk.ErrGeometry)) {
+			e.errorf("attach: not using ublk: %v; using nbd", err)
+			err, d = nil, nil
+		}
+	}
+	if err == nil && d == nil {
+		d, err = attachNBD(vol.Backend, vol.Zones != nil, nbdOptions{
+			conns: *conns, blockSize: *blockSize, readOnly: *readOnly, timeout: *timeout,
+			deadConn: *deadConn, device: *device, recoverDev: *recoverDev,
+			logf: func(f string, a ...any) { e.errorf("attach: "+f, a...) },
+		})
 	}
 	if err != nil {
-		s.close()
+		vol.Close()
 		return e.fail(err, nil)
 	}
 	fmt.Fprintln(e.stdout, d.Path())
@@ -162,11 +206,91 @@ func runAttach(e *env, args []string) int {
 		e.errorf("attach: %s: %v", d.Path(), err)
 		code = exitFailure
 	}
-	if err := s.close(); err != nil {
+	if err := vol.Close(); err != nil {
 		e.errorf("attach: %v", err)
 		code = exitFailure
 	}
 	return code
+}
+
+// attachUBLK creates a ublk device serving b, or takes back recoverDev.
+func attachUBLK(b volume.Backend, opts ublk.Options, recoverDev string) (attached, error) {
+	ctrl, err := ublk.OpenControl()
+	if err != nil {
+		return nil, err
+	}
+	var d *ublk.Device
+	if recoverDev != "" {
+		var id uint32
+		if id, err = ublk.ParseDevice(recoverDev); err != nil {
+			ctrl.Close()
+			return nil, usagef("--recover: %v", err)
+		}
+		d, err = ublk.Recover(ctrl, id, b, opts, 30*time.Second)
+	} else {
+		d, err = ublk.Create(ctrl, b, opts)
+	}
+	if err != nil {
+		ctrl.Close()
+		return nil, err
+	}
+	return ublkAttached{d, ctrl}, nil
+}
+
+type nbdOptions struct {
+	conns              int
+	blockSize          int64
+	readOnly           bool
+	timeout, deadConn  int
+	device, recoverDev string
+	logf               func(string, ...any)
+}
+
+// attachNBD connects an nbd device to b, or takes back o.recoverDev.
+func attachNBD(b volume.Backend, zoned bool, o nbdOptions) (attached, error) {
+	switch {
+	case o.conns < 0 || o.conns > 64:
+		return nil, usagef("--connections %d: must be 1 to 64", o.conns)
+	case o.timeout < 0:
+		return nil, usagef("--timeout %d: must be 0 or more", o.timeout)
+	case o.deadConn < 0:
+		return nil, usagef("--dead-conn-timeout %d: must be 0 or more", o.deadConn)
+	case o.device != "" && o.recoverDev != "":
+		return nil, usagef("--device and --recover exclude each other")
+	}
+	index, recoverIndex := nbdattach.Any, -1
+	var err error
+	if o.device != "" {
+		if index, err = nbdattach.ParseDevice(o.device); err != nil {
+			return nil, usagef("--device: %v", err)
+		}
+	}
+	if o.recoverDev != "" {
+		if recoverIndex, err = nbdattach.ParseDevice(o.recoverDev); err != nil {
+			return nil, usagef("--recover: %v", err)
+		}
+	}
+	bs := o.blockSize
+	if zoned {
+		if bs == 0 {
+			bs = 512
+		}
+		// The kernel sees a plain disk and spreads writes over the
+		// connections: with one, writes to a zone reach the device in the
+		// order the application issued them.
+		if o.conns == 0 {
+			o.conns = 1
+		}
+	}
+	opts := nbdattach.Options{
+		Connections: o.conns, BlockSize: bs, ReadOnly: o.readOnly,
+		Timeout: time.Duration(o.timeout) * time.Second, DeadConnTimeout: time.Duration(o.deadConn) * time.Second,
+		Index: index, Logf: o.logf,
+	}
+	if recoverIndex >= 0 {
+		return nbdattach.Recover(recoverIndex, b, opts)
+	}
+	return nbdattach.Attach(b, opts)
 }
 
 func runDetach(e *env, args []string) int {
@@ -176,21 +300,37 @@ func runDetach(e *env, args []string) int {
 		detachUsage(e.stdout)
 		return exitOK
 	}
-	index := -1
-	switch {
-	case err != nil:
-	case len(operands) != 1:
+	if err == nil && len(operands) != 1 {
 		err = usagef("expected one DEV, got %d operands", len(operands))
-	default:
-		if index, err = nbdattach.ParseDevice(operands[0]); err != nil {
-			err = usagef("%v", err)
-		}
 	}
 	if err != nil {
 		return e.fail(err, detachUsage)
 	}
-	if err := nbdattach.Disconnect(index); err != nil {
+	dev := operands[0]
+	if strings.HasPrefix(dev, "/dev/ublk") {
+		err = detachUBLK(dev)
+	} else {
+		var index int
+		if index, err = nbdattach.ParseDevice(dev); err != nil {
+			return e.fail(usagef("%v (expected /dev/ublkbN or /dev/nbdN)", err), detachUsage)
+		}
+		err = nbdattach.Disconnect(index)
+	}
+	if err != nil {
 		return e.fail(err, nil)
 	}
 	return exitOK
+}
+
+func detachUBLK(dev string) error {
+	id, err := ublk.ParseDevice(dev)
+	if err != nil {
+		return usagef("%v", err)
+	}
+	ctrl, err := ublk.OpenControl()
+	if err != nil {
+		return err
+	}
+	defer ctrl.Close()
+	return ublk.Detach(ctrl, id, 10*time.Second)
 }

@@ -65,18 +65,13 @@ func runExport(e *env, args []string) int {
 		return e.fail(err, exportUsage)
 	}
 
-	img, dev, err := openSession(operands[0], *readOnly)
+	vol, err := openSession(operands[0], *readOnly)
 	if err != nil {
 		return e.fail(err, nil)
 	}
-	s := &ioSession{img: img, dev: dev, readOnly: *readOnly}
-	var backend nbdattach.Backend = nbdattach.ImageBackend{Img: img}
-	if dev != nil {
-		backend = nbdattach.ZonedBackend{Img: img, Dev: dev}
-	}
 	srv := &nbdattach.Server{
 		Exports: []*nbdattach.Export{{
-			Name: *name, Description: filepath.Base(operands[0]), Backend: backend,
+			Name: *name, Description: filepath.Base(operands[0]), Backend: vol.Backend,
 			ReadOnly: *readOnly, NoMultiConn: *shared == 1,
 		}},
 		MaxConns: *shared,
@@ -104,7 +99,7 @@ func runExport(e *env, args []string) int {
 		}
 	}
 	if err != nil {
-		s.close()
+		vol.Close()
 		return e.fail(err, nil)
 	}
 
@@ -128,7 +123,7 @@ func runExport(e *env, args []string) int {
 		e.errorf("export: waiting for the connections: %v", err)
 		code = exitFailure
 	}
-	if err := s.close(); err != nil {
+	if err := vol.Close(); err != nil {
 		e.errorf("export: %v", err)
 		code = exitFailure
 	}

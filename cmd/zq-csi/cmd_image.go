@@ -703,7 +703,11 @@ func runImageCheck(e *env, args []string) int {
 		return exit
 	}
 	doRepair := *repair || repairMode.val != ""
-	img, err := image.Open(file, image.OpenOptions{ReadOnly: !doRepair})
+	opts := image.OpenOptions{ReadOnly: true}
+	if doRepair {
+		opts = writeOptions()
+	}
+	img, err := image.Open(file, opts)
 	if err != nil {
 		e.fail(err, nil)
 		return exitCheckError

@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
@@ -40,6 +41,7 @@ const defaultWritePattern = 0xcd
 
 // ioSession is one open image and where the commands print.
 type ioSession struct {
+	vol      *volume.Volume
 	img      *image.Image
 	dev      *zoned.Device // the zoned device over img; nil for a plain image
 	readOnly bool
@@ -504,11 +506,11 @@ func runIO(e *env, args []string) int {
 			return e.fail(usagef("command %q not found (zq-csi io -h lists them)", w[0]), nil)
 		}
 	}
-	img, dev, err := openSession(file, *readOnly)
+	vol, err := openSession(file, *readOnly)
 	if err != nil {
 		return e.fail(err, nil)
 	}
-	s := &ioSession{img: img, dev: dev, readOnly: *readOnly, out: e.stdout, errw: e.stderr}
+	s := &ioSession{vol: vol, img: vol.Img, dev: vol.Zones, readOnly: *readOnly, out: e.stdout, errw: e.stderr}
 	ok := true
 	if len(cmds) > 0 {
 		for _, c := range cmds {
@@ -520,7 +522,7 @@ func runIO(e *env, args []string) int {
 	} else {
 		ok = s.runScript(e.stdin) && ok
 	}
-	if err := s.close(); err != nil {
+	if err := s.vol.Close(); err != nil {
 		e.fail(err, nil)
 		return exitFailure
 	}

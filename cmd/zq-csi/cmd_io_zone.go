@@ -15,7 +15,6 @@ package main
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -23,6 +22,7 @@ import (
 	"time"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
@@ -30,53 +30,14 @@ import (
 // not supported" there too.
 var errNotZoned = fmt.Errorf("%w: %w", zoned.ErrNotZoned, syscall.ENOTSUP)
 
-// openSession opens file for a session and, if it is zoned, its device.
-// A zoned image is validated read-only first: image.Open accepts some
-// geometries that the zone model refuses (zoned.OpenImage), and a
-// read-write image that is closed rewrites what it normalized on open (a
-// big-endian write-pointer table, for one), so a bad image must be
-// refused before anything can change its bytes.
-func openSession(file string, readOnly bool) (*image.Image, *zoned.Device, error) {
-	img, err := image.Open(file, image.OpenOptions{ReadOnly: true})
-	if err != nil {
-		return nil, nil, err
+// openSession opens file for a session: a zoned image with its zone model
+// (see volume.Open), read-write ones with the journal of writeOptions.
+func openSession(file string, readOnly bool) (*volume.Volume, error) {
+	opts := writeOptions()
+	if readOnly {
+		opts = image.OpenOptions{ReadOnly: true}
 	}
-	_, isZoned := img.Zones()
-	if isZoned {
-		if _, err := zoned.OpenImage(img); err != nil {
-			img.Close()
-			return nil, nil, fmt.Errorf("zoned image: %w", err)
-		}
-	}
-	if !readOnly {
-		if err := img.Close(); err != nil {
-			return nil, nil, err
-		}
-		if img, err = image.Open(file, image.OpenOptions{}); err != nil {
-			return nil, nil, err
-		}
-	}
-	if !isZoned {
-		return img, nil, nil
-	}
-	dev, err := zoned.OpenImage(img)
-	if err != nil {
-		img.Close()
-		return nil, nil, fmt.Errorf("zoned image: %w", err)
-	}
-	return img, dev, nil
-}
-
-// close ends the session: the device's flush (every write point durable
-// after its data), then the image's close.
-func (s *ioSession) close() error {
-	var err error
-	if s.dev != nil && !s.readOnly {
-		if err = s.dev.Flush(); err != nil {
-			err = fmt.Errorf("flush: %w", err)
-		}
-	}
-	return errors.Join(err, s.img.Close())
+	return volume.Open(file, opts)
 }
 
 // devWrite is `write` on a zoned image: through the device, which checks

@@ -1,4 +1,9 @@
-package nbdattach
+// Package volume is an image as the block device the kernel frontends
+// (ublk, nbdattach) serve: the block operations of a plain image, or of a
+// zoned image through its zoned.Device, which keeps the zone rules (discard
+// resets whole sequential zones, zeros in a sequential zone are a write at
+// the write pointer) and maps errors to errnos.
+package volume
 
 import (
 	"errors"
@@ -9,9 +14,9 @@ import (
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
-// Backend is what an export serves. The server checks every request
-// against Size and ReadOnly before calling it; its methods are called
-// concurrently.
+// Backend is what a kernel frontend (ublk) or an NBD export serves. The
+// frontend checks every request against Size and ReadOnly before calling it;
+// its methods are called concurrently.
 type Backend interface {
 	Size() int64
 	ReadOnly() bool
@@ -35,29 +40,29 @@ type Backend interface {
 	OrderKey(off int64) (key int64, ordered bool)
 }
 
-// ImageBackend serves a plain (or zoned, ignoring its zones) image.
-type ImageBackend struct{ Img *image.Image }
+// Plain serves a plain (or zoned, ignoring its zones) image.
+type Plain struct{ Img *image.Image }
 
-var _ Backend = ImageBackend{}
+var _ Backend = Plain{}
 
-func (b ImageBackend) Size() int64    { return b.Img.Size() }
-func (b ImageBackend) ReadOnly() bool { return b.Img.ReadOnly() }
-func (b ImageBackend) ReadAt(p []byte, off int64) error {
+func (b Plain) Size() int64    { return b.Img.Size() }
+func (b Plain) ReadOnly() bool { return b.Img.ReadOnly() }
+func (b Plain) ReadAt(p []byte, off int64) error {
 	_, err := b.Img.ReadAt(p, off)
 	return err
 }
-func (b ImageBackend) WriteAt(p []byte, off int64) error {
+func (b Plain) WriteAt(p []byte, off int64) error {
 	_, err := b.Img.WriteAt(p, off)
 	return err
 }
-func (b ImageBackend) Flush() error                 { return b.Img.Flush() }
-func (b ImageBackend) Trim(off, length int64) error { return b.Img.Discard(off, length) }
-func (b ImageBackend) WriteZeroes(off, length int64, noHole, fast bool) error {
+func (b Plain) Flush() error                 { return b.Img.Flush() }
+func (b Plain) Trim(off, length int64) error { return b.Img.Discard(off, length) }
+func (b Plain) WriteZeroes(off, length int64, noHole, fast bool) error {
 	return b.Img.WriteZeroes(off, length, !noHole)
 }
-func (b ImageBackend) Map(off, length int64) ([]image.Extent, error) { return b.Img.Map(off, length) }
-func (b ImageBackend) Errno(err error) syscall.Errno                 { return imageErrno(err) }
-func (b ImageBackend) OrderKey(int64) (int64, bool)                  { return 0, false }
+func (b Plain) Map(off, length int64) ([]image.Extent, error) { return b.Img.Map(off, length) }
+func (b Plain) Errno(err error) syscall.Errno                 { return imageErrno(err) }
+func (b Plain) OrderKey(int64) (int64, bool)                  { return 0, false }
 
 func imageErrno(err error) syscall.Errno {
 	switch {
@@ -75,39 +80,39 @@ func imageErrno(err error) syscall.Errno {
 	return syscall.EIO
 }
 
-// ZonedBackend serves a zoned image through its zoned.Device: writes obey
+// Zoned serves a zoned image through its zoned.Device: writes obey
 // the zone rules (at the write pointer, below the capacity, within the
 // open and active limits), a refused request changes nothing. TRIM resets
 // whole sequential zones and discards in conventional zones;
 // WRITE_ZEROES in a sequential zone is a write of zeros at the write
 // pointer; block status comes from the image's map.
-type ZonedBackend struct {
+type Zoned struct {
 	Img *image.Image
 	Dev *zoned.Device
 }
 
-var _ Backend = ZonedBackend{}
+var _ Backend = Zoned{}
 
-func (b ZonedBackend) Size() int64    { return b.Dev.Geometry().Size }
-func (b ZonedBackend) ReadOnly() bool { return b.Img.ReadOnly() }
-func (b ZonedBackend) ReadAt(p []byte, off int64) error {
+func (b Zoned) Size() int64    { return b.Dev.Geometry().Size }
+func (b Zoned) ReadOnly() bool { return b.Img.ReadOnly() }
+func (b Zoned) ReadAt(p []byte, off int64) error {
 	_, err := b.Dev.ReadAt(p, off)
 	return err
 }
-func (b ZonedBackend) WriteAt(p []byte, off int64) error {
+func (b Zoned) WriteAt(p []byte, off int64) error {
 	_, err := b.Dev.WriteAt(p, off)
 	return err
 }
-func (b ZonedBackend) Flush() error { return b.Dev.Flush() }
+func (b Zoned) Flush() error { return b.Dev.Flush() }
 
-func (b ZonedBackend) convEnd() int64 {
+func (b Zoned) convEnd() int64 {
 	g := b.Dev.Geometry()
 	return min(int64(g.ConventionalZones)*g.ZoneSize, g.Size)
 }
 
 // Trim discards the conventional part of the range and resets the
 // sequential zones it covers, which it must cover whole.
-func (b ZonedBackend) Trim(off, length int64) error {
+func (b Zoned) Trim(off, length int64) error {
 	g := b.Dev.Geometry()
 	end := off + length
 	ce := b.convEnd()
@@ -143,7 +148,7 @@ const zeroChunk = 1 << 20
 
 var zeros = make([]byte, zeroChunk)
 
-func (b ZonedBackend) WriteZeroes(off, length int64, noHole, fast bool) error {
+func (b Zoned) WriteZeroes(off, length int64, noHole, fast bool) error {
 	ce := b.convEnd()
 	end := off + length
 	if end <= ce {
@@ -180,16 +185,16 @@ func (b ZonedBackend) WriteZeroes(off, length int64, noHole, fast bool) error {
 	return nil
 }
 
-func (b ZonedBackend) Map(off, length int64) ([]image.Extent, error) { return b.Img.Map(off, length) }
+func (b Zoned) Map(off, length int64) ([]image.Extent, error) { return b.Img.Map(off, length) }
 
-func (b ZonedBackend) Errno(err error) syscall.Errno {
+func (b Zoned) Errno(err error) syscall.Errno {
 	if errors.Is(err, image.ErrReadOnly) {
 		return syscall.EPERM
 	}
 	return zoned.Errno(err)
 }
 
-func (b ZonedBackend) OrderKey(off int64) (int64, bool) {
+func (b Zoned) OrderKey(off int64) (int64, bool) {
 	g := b.Dev.Geometry()
 	i := g.ZoneIndex(off)
 	return int64(i), i >= g.ConventionalZones

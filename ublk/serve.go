@@ -1,0 +1,264 @@
+package ublk
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/zq-csi/zq-csi/zoned"
+)
+
+// serve runs one request from the kernel and hands its result to the
+// queue's ring thread. Data moves between the request and our buffer with
+// pread/pwrite on the character device (user copy, which the kernel
+// requires for zoned devices: the commit carries a zone append's sector in
+// the field buffer mode would use for an address).
+func (d *Device) serve(q *queue, tag uint16, r iod) {
+	n, lba, err := d.handle(q, int(tag), r)
+	res := int32(n)
+	if int(r.op) < len(d.ops) {
+		d.ops[r.op].Add(1)
+	}
+	if err != nil {
+		d.failed.Add(1)
+		d.logFailure(r, err)
+		res = -int32(d.errno(err))
+	}
+	q.finish(completion{tag: tag, result: res, lba: lba})
+}
+
+// logFailure logs a failed request, at most one a second: an application
+// that keeps writing where it may not must not flood the log.
+func (d *Device) logFailure(r iod, err error) {
+	d.logMu.Lock()
+	now := time.Now()
+	if now.Sub(d.lastLog) < time.Second {
+		d.suppressed++
+		d.logMu.Unlock()
+		return
+	}
+	n := d.suppressed
+	d.lastLog, d.suppressed = now, 0
+	d.logMu.Unlock()
+	more := ""
+	if n > 0 {
+		more = fmt.Sprintf(" (and %d more failed requests not logged)", n)
+	}
+	d.logf("ublk device %d: op %d at sector %#x+%#x: %v%s", d.info.ID, r.op, r.startSector, r.nrSectors, err, more)
+}
+
+// Stats counts the requests a device served since it started, by kind.
+type Stats struct {
+	Reads, Writes, Flushes, Discards, WriteZeroes    uint64
+	ZoneAppends, ZoneManagement, ZoneReports, Errors uint64
+}
+
+// Stats returns the device's request counts.
+func (d *Device) Stats() Stats {
+	n := func(ops ...uint8) (sum uint64) {
+		for _, op := range ops {
+			sum += d.ops[op].Load()
+		}
+		return sum
+	}
+	return Stats{
+		Reads: n(opReadIO), Writes: n(opWriteIO), Flushes: n(opFlush), Discards: n(opDiscard),
+		WriteZeroes: n(opWriteZeroes), ZoneAppends: n(opZoneAppend),
+		ZoneManagement: n(opZoneOpen, opZoneClose, opZoneFinish, opZoneReset, opZoneResetAll),
+		ZoneReports:    n(opReportZones), Errors: d.failed.Load(),
+	}
+}
+
+// handle returns the bytes done (the result the kernel wants for requests
+// with data) and, for a zone append, the sector where the data landed.
+func (d *Device) handle(q *queue, tag int, r iod) (n int, lba uint64, err error) {
+	off := int64(r.startSector) * zoned.SectorSize
+	n = int(r.nrSectors) * zoned.SectorSize
+	switch r.op {
+	case opReadIO:
+		buf := d.bufs.get(n)
+		defer d.bufs.put(buf)
+		if err = d.b.ReadAt(buf, off); err == nil {
+			err = q.copyOut(tag, buf)
+		}
+		return n, 0, err
+	case opWriteIO:
+		buf := d.bufs.get(n)
+		defer d.bufs.put(buf)
+		if err = q.copyIn(tag, buf); err == nil {
+			err = d.write(buf, off)
+		}
+		if err == nil && r.flags&ioFlagFUA != 0 {
+			err = d.b.Flush()
+		}
+		return n, 0, err
+	case opFlush:
+		return 0, 0, d.b.Flush()
+	case opDiscard:
+		return 0, 0, d.b.Trim(off, int64(n))
+	case opWriteZeroes:
+		return 0, 0, d.b.WriteZeroes(off, int64(n), r.flags&ioFlagNoUnmap != 0, false)
+	}
+	if d.zones == nil {
+		return 0, 0, fmt.Errorf("operation %d on a device without zones: %w", r.op, syscall.EOPNOTSUPP)
+	}
+	switch r.op {
+	case opZoneAppend:
+		buf := d.bufs.get(n)
+		defer d.bufs.put(buf)
+		if err = q.copyIn(tag, buf); err != nil {
+			return 0, 0, err
+		}
+		at, err := d.zones.Append(buf, off)
+		if err == nil && r.flags&ioFlagFUA != 0 {
+			err = d.b.Flush()
+		}
+		return n, uint64(at / zoned.SectorSize), err
+	case opReportZones:
+		n, err = d.report(q, tag, off, int(r.nrSectors))
+		return n, 0, err
+	case opZoneOpen:
+		return 0, 0, d.zones.Open(off, d.zones.Geometry().ZoneSize)
+	case opZoneClose:
+		return 0, 0, d.zones.Close(off, d.zones.Geometry().ZoneSize)
+	case opZoneFinish:
+		d.replayDone(off)
+		return 0, 0, d.zones.Finish(off, d.zones.Geometry().ZoneSize)
+	case opZoneReset:
+		d.replayDone(off)
+		return 0, 0, d.zones.Reset(off, d.zones.Geometry().ZoneSize)
+	case opZoneResetAll:
+		for i := range d.replaying {
+			d.replaying[i].Store(false)
+		}
+		return 0, 0, d.zones.ResetAll()
+	}
+	return 0, 0, fmt.Errorf("unknown operation %d: %w", r.op, syscall.EOPNOTSUPP)
+}
+
+// write writes p at off. On a recovered device, a write the dead server had
+// already applied comes again (the kernel reissues what was in flight): it
+// lands below the write pointer of its sequential zone with the same data,
+// and succeeds, until the zone's first ordinary write (the kernel keeps one
+// write per zone in flight, so reissued ones come first).
+func (d *Device) write(p []byte, off int64) error {
+	err := d.b.WriteAt(p, off)
+	if err == nil {
+		d.replayDone(off)
+		return nil
+	}
+	if errors.Is(err, zoned.ErrNotAtWritePointer) && d.replayed(p, off) {
+		d.logf("ublk device %d: write at %#x+%#x was applied before the recovery: accepted again", d.info.ID, off, len(p))
+		return nil
+	}
+	return err
+}
+
+func (d *Device) replayDone(off int64) {
+	if d.replaying != nil {
+		if i := d.zones.Geometry().ZoneIndex(off); i >= 0 {
+			d.replaying[i].Store(false)
+		}
+	}
+}
+
+func (d *Device) replayed(p []byte, off int64) bool {
+	if d.replaying == nil {
+		return false
+	}
+	i := d.zones.Geometry().ZoneIndex(off)
+	if i < 0 || !d.replaying[i].Load() {
+		return false
+	}
+	z, err := d.zones.ZoneAt(off)
+	if err != nil || off+int64(len(p)) > z.WritePointer {
+		return false
+	}
+	have := d.bufs.get(len(p))
+	defer d.bufs.put(have)
+	if _, err := d.zones.ReadAt(have, off); err != nil {
+		return false
+	}
+	return bytes.Equal(have, p)
+}
+
+// report answers REPORT_ZONES: up to nr zones from the one at off, as
+// struct blk_zone entries. The kernel's buffer may be larger than the zones
+// asked for, and a short result would make it reissue the request for the
+// rest, so the entries are followed by zeros (a zero-length entry ends the
+// report) up to the buffer's end.
+func (d *Device) report(q *queue, tag int, off int64, nr int) (int, error) {
+	g := d.zones.Geometry()
+	zones := d.zones.Report(g.ZoneIndex(off), nr)
+	if len(zones) == 0 {
+		return 0, fmt.Errorf("report zones at %#x: %w", off, zoned.ErrOutOfRange)
+	}
+	buf := d.bufs.get(len(zones) * blkZoneSize)
+	defer d.bufs.put(buf)
+	const s = zoned.SectorSize
+	for i, z := range zones {
+		putBlkZone(buf[i*blkZoneSize:], uint64(z.Start/s), uint64(z.Length/s), uint64(z.WritePointer/s),
+			uint64(z.Capacity/s), uint8(z.Type), uint8(z.Cond))
+	}
+	if err := q.copyOut(tag, buf); err != nil {
+		return 0, err
+	}
+	done := len(buf)
+	zeros := d.bufs.get(pageSize)
+	defer d.bufs.put(zeros)
+	clear(zeros)
+	for {
+		chunk := zeros[:pageSize-done%pageSize]
+		n, err := unix.Pwrite(q.charFD, chunk, userCopyOffset(q.id, tag)+int64(done))
+		if n <= 0 || err != nil {
+			// The end of the kernel's buffer: nothing more to copy
+			// (0 bytes, or EINVAL just past the end).
+			return done, nil
+		}
+		done += n
+	}
+}
+
+const pageSize = 4096
+
+// copyIn reads a request's data (a write or an append) into p.
+func (q *queue) copyIn(tag int, p []byte) error {
+	n, err := unix.Pread(q.charFD, p, userCopyOffset(q.id, tag))
+	if n == len(p) {
+		return nil
+	}
+	if err == nil {
+		err = io.ErrUnexpectedEOF
+	}
+	return fmt.Errorf("copying %d bytes of request %d from the kernel (got %d): %w", len(p), tag, n, err)
+}
+
+// copyOut writes p as a request's data (a read or a zone report).
+func (q *queue) copyOut(tag int, p []byte) error {
+	n, err := unix.Pwrite(q.charFD, p, userCopyOffset(q.id, tag))
+	if n == len(p) {
+		return nil
+	}
+	if err == nil {
+		err = io.ErrShortWrite
+	}
+	return fmt.Errorf("copying %d bytes of request %d to the kernel (done %d): %w", len(p), tag, n, err)
+}
+
+// errno is the result for a failed request. The kernel checked the
+// request's shape already, so an EINVAL from the zone rules (a write off
+// the write pointer, past the capacity, across zones) is reported as EIO,
+// as Linux's zoned drivers do; the resource errnos keep their meaning
+// (they become BLK_STS_ZONE_*_RESOURCE).
+func (d *Device) errno(err error) syscall.Errno {
+	e := d.b.Errno(err)
+	if e == syscall.EINVAL || e == 0 {
+		return syscall.EIO
+	}
+	return e
+}

@@ -1,0 +1,70 @@
+package volume
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/zoned"
+)
+
+// Volume is an open image as a frontend serves it.
+type Volume struct {
+	Backend               // Plain, or Zoned for a zoned image
+	Img     *image.Image  // the image
+	Zones   *zoned.Device // the zone model of a zoned image; nil for a plain one
+}
+
+// Open opens the image at path with opts and, if it is zoned, its zone
+// model. A zoned image is validated read-only first: image.Open accepts
+// some geometries that the zone model refuses (zoned.OpenImage), and a
+// read-write image rewrites on close what it normalized on open (a
+// big-endian write-pointer table, for one), so a bad image is refused
+// before anything can change its bytes.
+func Open(path string, opts image.OpenOptions) (*Volume, error) {
+	img, err := image.Open(path, image.OpenOptions{ReadOnly: true})
+	if err != nil {
+		return nil, err
+	}
+	_, isZoned := img.Zones()
+	if isZoned {
+		if _, err := zoned.OpenImage(img); err != nil {
+			img.Close()
+			return nil, fmt.Errorf("zoned image: %w", err)
+		}
+	}
+	if !opts.ReadOnly {
+		if err := img.Close(); err != nil {
+			return nil, err
+		}
+		if img, err = image.Open(path, opts); err != nil {
+			return nil, err
+		}
+	}
+	if !isZoned {
+		return &Volume{Backend: Plain{Img: img}, Img: img}, nil
+	}
+	dev, err := zoned.OpenImage(img)
+	if err != nil {
+		img.Close()
+		return nil, fmt.Errorf("zoned image: %w", err)
+	}
+	return &Volume{Backend: Zoned{Img: img, Dev: dev}, Img: img, Zones: dev}, nil
+}
+
+// Close flushes a writable volume (through the zone model: every write
+// pointer durable after its data) and closes the image.
+func (v *Volume) Close() error {
+	var err error
+	if !v.Img.ReadOnly() {
+		if v.Zones != nil {
+			err = v.Zones.Flush()
+		} else {
+			err = v.Img.Flush()
+		}
+		if err != nil {
+			err = fmt.Errorf("flush: %w", err)
+		}
+	}
+	return errors.Join(err, v.Img.Close())
+}

@@ -1,0 +1,137 @@
+package volume
+
+import (
+	"bytes"
+	"errors"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/zoned"
+)
+
+const zoneSize = 1 << 20
+
+// zonedVolume is a real 8-zone image, zone 0 conventional, opened
+// read-write.
+func zonedVolume(t *testing.T) Zoned {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "z.qcow2")
+	g := zoned.Geometry{ZoneSize: zoneSize, ZoneCapacity: zoneSize, ConventionalZones: 1, MaxAppendBytes: 64 << 10}
+	if _, err := zoned.CreateImage(path, image.CreateOptions{Size: 8 * zoneSize}, g); err != nil {
+		t.Fatal(err)
+	}
+	v, err := Open(path, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := v.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return v.Backend.(Zoned)
+}
+
+func wp(t *testing.T, v Zoned, zone int) int64 {
+	t.Helper()
+	return v.Dev.Report(zone, 1)[0].WritePointer - int64(zone)*zoneSize
+}
+
+func TestZonedTrimAndWriteZeroesKeepTheZoneRules(t *testing.T) {
+	data := bytes.Repeat([]byte{0xab}, 64<<10)
+	for _, tc := range []struct {
+		name    string
+		op      func(v Zoned) error
+		wantErr error
+		wantWP  int64 // of zone 1, which holds 64 KiB of data before the op
+	}{
+		{"trim of a whole sequential zone resets it", func(v Zoned) error { return v.Trim(zoneSize, zoneSize) }, nil, 0},
+		{"trim of part of a sequential zone is refused", func(v Zoned) error { return v.Trim(zoneSize, 4096) }, zoned.ErrUnaligned, 64 << 10},
+		{"trim of the conventional zone discards", func(v Zoned) error { return v.Trim(0, zoneSize) }, nil, 64 << 10},
+		{"zeros at the write pointer are written", func(v Zoned) error { return v.WriteZeroes(zoneSize+64<<10, 8192, false, false) }, nil, 64<<10 + 8192},
+		{"zeros off the write pointer are refused", func(v Zoned) error { return v.WriteZeroes(zoneSize, 8192, false, false) }, zoned.ErrNotAtWritePointer, 64 << 10},
+		{"fast zeros in a sequential zone are not supported", func(v Zoned) error { return v.WriteZeroes(zoneSize+64<<10, 8192, false, true) }, syscall.ENOTSUP, 64 << 10},
+		{"zeros from the conventional into a sequential zone are refused", func(v Zoned) error { return v.WriteZeroes(zoneSize-4096, 8192, false, false) }, zoned.ErrCrossesZone, 64 << 10},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			v := zonedVolume(t)
+			if err := v.WriteAt(data, zoneSize); err != nil {
+				t.Fatal(err)
+			}
+			if err := v.WriteAt(data, 0); err != nil {
+				t.Fatal(err)
+			}
+			err := tc.op(v)
+			if !errors.Is(err, tc.wantErr) || (tc.wantErr == nil) != (err == nil) {
+				t.Fatalf("error %v, want %v", err, tc.wantErr)
+			}
+			if got := wp(t, v, 1); got != tc.wantWP {
+				t.Fatalf("zone 1 write pointer %#x, want %#x", got, tc.wantWP)
+			}
+		})
+	}
+}
+
+func TestErrno(t *testing.T) {
+	v := zonedVolume(t)
+	for _, tc := range []struct {
+		err  error
+		want syscall.Errno
+	}{
+		{image.ErrReadOnly, syscall.EPERM},
+		{zoned.ErrNotAtWritePointer, syscall.EINVAL},
+		{zoned.ErrOpenResources, syscall.ETOOMANYREFS},
+		{errors.New("disk on fire"), syscall.EIO},
+	} {
+		if got := v.Errno(tc.err); got != tc.want {
+			t.Errorf("Zoned.Errno(%v) = %v, want %v", tc.err, got, tc.want)
+		}
+	}
+	for _, tc := range []struct {
+		err  error
+		want syscall.Errno
+	}{
+		{image.ErrReadOnly, syscall.EPERM},
+		{image.ErrOutOfRange, syscall.EINVAL},
+		{syscall.ENOSPC, syscall.ENOSPC},
+		{errors.New("disk on fire"), syscall.EIO},
+	} {
+		if got := (Plain{}).Errno(tc.err); got != tc.want {
+			t.Errorf("Plain.Errno(%v) = %v, want %v", tc.err, got, tc.want)
+		}
+	}
+}
+
+func TestZonedOrderKey(t *testing.T) {
+	v := zonedVolume(t)
+	if _, ordered := v.OrderKey(4096); ordered {
+		t.Error("a write to the conventional zone is ordered")
+	}
+	if key, ordered := v.OrderKey(3*zoneSize + 4096); !ordered || key != 3 {
+		t.Errorf("OrderKey in zone 3 = %d, %v", key, ordered)
+	}
+}
+
+func TestOpenPicksTheBackend(t *testing.T) {
+	dir := t.TempDir()
+	plain := filepath.Join(dir, "plain.qcow2")
+	if err := image.Create(plain, image.CreateOptions{Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := Open(plain, image.OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := v.Backend.(Plain); !ok || v.Zones != nil || !v.Img.ReadOnly() {
+		t.Fatalf("plain image: backend %T, zones %v, read-only %v", v.Backend, v.Zones, v.Img.ReadOnly())
+	}
+	if err := v.Close(); err != nil {
+		t.Fatal(err)
+	}
+	z := zonedVolume(t)
+	if z.Dev.Geometry().NumZones() != 8 || z.Img.ReadOnly() {
+		t.Fatalf("zoned image: %d zones, read-only %v", z.Dev.Geometry().NumZones(), z.Img.ReadOnly())
+	}
+}
