@@ -16,7 +16,7 @@ func Create(path string, opts CreateOptions) error {
 	if err != nil {
 		return err
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+	if err := flockSoon(f, unix.LOCK_EX); err != nil {
 		f.Close()
 		os.Remove(path)
 		return fmt.Errorf("%s: lock: %w", path, err)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -58,7 +59,7 @@ func openFile(path string, readOnly bool) (osFile, error) {
 	if err != nil {
 		return osFile{}, err
 	}
-	if err := unix.Flock(int(f.Fd()), lock|unix.LOCK_NB); err != nil {
+	if err := flockSoon(f, lock); err != nil {
 		f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			return osFile{}, fmt.Errorf("%s: image is in use by another process: %w", path, err)
@@ -66,6 +67,25 @@ func openFile(path string, readOnly bool) (osFile, error) {
 		return osFile{}, fmt.Errorf("%s: lock: %w", path, err)
 	}
 	return osFile{f}, nil
+}
+
+// lockRetry is how long a contended lock is retried. A process that forks
+// (any exec) while it has an image open shares the open file, and with it
+// the lock, with the child until the child's exec closes it: an image just
+// closed by this or another process can stay locked for that moment.
+const lockRetry = 2 * time.Second
+
+// flockSoon takes the lock without blocking, retrying a contended one
+// briefly (see lockRetry).
+func flockSoon(f *os.File, lock int) error {
+	deadline := time.Now().Add(lockRetry)
+	for {
+		err := unix.Flock(int(f.Fd()), lock|unix.LOCK_NB)
+		if !errors.Is(err, unix.EWOULDBLOCK) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // readFull reads len(p) bytes at off. Bytes past the end of the file read
