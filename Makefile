@@ -31,14 +31,16 @@ E2E_ARGS ?=
 # (it runs under the race detector), `make interop` runs only them.
 INTEROP_TESTS := ^TestInterop
 
-.PHONY: all build deps test vet unit interop e2e lint bench fuzz crash crash-default demo clean help
+.PHONY: all build deps test vet unit interop e2e lint bench fuzz crash crash-default demo tour clean help
 
 all: build
 
 help:
 	@echo "make build    build $(BIN)"
 	@echo "make deps     install the Debian packages the tests need (only the missing ones; root)"
-	@echo "make demo     deps + build, then a short tour: create, write, verify, info, check; a zoned image"
+	@echo "make demo     deps + build, then the CSI demo: provision, stage, publish a zoned volume, show its zones"
+	@echo "              (in the VM harness where this kernel has no ublk)"
+	@echo "make tour     deps + build, then the image tools: create, write, verify, info, check; a zoned image"
 	@echo "make test     deps, go vet, unit tests (race), interop tests (qemu-img/qemu-io), VM tests"
 	@echo "make unit     unit and property tests, fuzz seeds, under the race detector"
 	@echo "make interop  the interop tier alone"
@@ -68,8 +70,16 @@ interop:
 
 # The VM tests that run the binary use this build rather than compiling
 # it again in the guest (vm.sh passes ZQ_* variables through).
-e2e: build
-	ZQ_CSI_BIN=$(CURDIR)/$(BIN) bash $(E2E_SCRIPT) $(E2E_ARGS)
+# csi-sanity, the CSI conformance suite, from the Go module proxy (built
+# on the host, run against `zq-csi serve` in the VM).
+CSI_SANITY = bin/csi-sanity
+CSI_SANITY_VERSION = v5.4.0
+
+$(CSI_SANITY):
+	GOBIN=$(CURDIR)/bin $(GO) install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$(CSI_SANITY_VERSION)
+
+e2e: build $(CSI_SANITY)
+	ZQ_CSI_BIN=$(CURDIR)/$(BIN) ZQ_CSI_SANITY_BIN=$(CURDIR)/$(CSI_SANITY) bash $(E2E_SCRIPT) $(E2E_ARGS)
 
 lint:
 	@unformatted=$$(gofmt -l .); \
@@ -104,7 +114,10 @@ crash:
 	ZQ_CRASH_CUTS=$(CRASH_CUTS) $(GO) test -count=1 -timeout 15m -run 'Crash' ./image/
 
 demo: deps build
-	bash scripts/demo.sh $(BIN)
+	bash scripts/demo.sh
+
+tour: deps build
+	bash scripts/tour.sh $(BIN)
 
 clean:
 	rm -rf bin bench.txt

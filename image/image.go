@@ -230,6 +230,15 @@ func (img *Image) prepareWrite() error {
 	return img.writeHeader()
 }
 
+// encodeTable is the on-disk (big-endian) form of a table of entries.
+func encodeTable(t []uint64) []byte {
+	b := make([]byte, len(t)*8)
+	for i, e := range t {
+		binary.BigEndian.PutUint64(b[i*8:], e)
+	}
+	return b
+}
+
 func decodeTable(b []byte) []uint64 {
 	t := make([]uint64, len(b)/8)
 	for i := range t {
@@ -238,8 +247,12 @@ func decodeTable(b []byte) []uint64 {
 	return t
 }
 
-// Size is the virtual disk size in bytes.
-func (img *Image) Size() int64 { return img.size }
+// Size is the virtual disk size in bytes. It changes only by Grow.
+func (img *Image) Size() int64 {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	return img.size
+}
 
 // ClusterSize is the image's cluster size in bytes.
 func (img *Image) ClusterSize() int64 { return img.clusterSize }
@@ -254,10 +267,10 @@ func (img *Image) checkRange(op string, off, n int64) error {
 	return nil
 }
 
+// startOp admits a data operation and returns with the gate held shared.
+// The range is checked under the gate: Grow, which alone changes the size,
+// holds it exclusively.
 func (img *Image) startOp(op string, off, n int64, write bool) error {
-	if err := img.checkRange(op, off, n); err != nil {
-		return err
-	}
 	if write && img.readOnly {
 		return fmt.Errorf("%s at %#x: %w", op, off, ErrReadOnly)
 	}
@@ -265,6 +278,10 @@ func (img *Image) startOp(op string, off, n int64, write bool) error {
 	if img.closed {
 		img.gate.RUnlock()
 		return ErrClosed
+	}
+	if err := img.checkRange(op, off, n); err != nil {
+		img.gate.RUnlock()
+		return err
 	}
 	return nil
 }

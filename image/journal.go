@@ -55,11 +55,13 @@ import (
 //
 // Header fields need no record: every change to them (the refcount table
 // moving as it grows, the dirty and autoclear bits) is written and synced
-// in place by writeHeader before the call goes on, and this package never
-// resizes the disk or moves the L1 table. A refcount table that moved
-// leaves records of its old place behind; they are dropped (growRefTable
-// wrote the new table whole, and it lies past every cluster in use then,
-// so past the old one).
+// in place by writeHeader before the call goes on. Grow, which resizes the
+// disk and may move the L1 and write-pointer tables, flushes first, makes
+// all it changes durable itself and resets the journal at its end, so no
+// batch holds offsets of a layout other than the header's. A refcount
+// table that moved leaves records of its old place behind; they are
+// dropped (growRefTable wrote the new table whole, and it lies past every
+// cluster in use then, so past the old one).
 //
 // A header that cannot be read fails the open with ErrJournal rather than
 // being discarded: within one boot it was written by one pwrite, which a

@@ -124,11 +124,7 @@ func (img *Image) writeRefcounts() (bool, error) {
 			return false, err
 		}
 	}
-	buf := make([]byte, len(img.refTable)*8)
-	for i, e := range img.refTable {
-		binary.BigEndian.PutUint64(buf[i*8:], e)
-	}
-	if _, err := img.file.WriteAt(buf, img.refTableOffset); err != nil {
+	if _, err := img.file.WriteAt(encodeTable(img.refTable), img.refTableOffset); err != nil {
 		return false, fmt.Errorf("writing the refcount table: %w", err)
 	}
 	img.refTableDirty = false

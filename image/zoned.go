@@ -210,6 +210,8 @@ func (img *Image) loadZones() error {
 // Zones returns the zone geometry of a zoned image; ok is false for a plain
 // image.
 func (img *Image) Zones() (z Zones, ok bool) {
+	img.mu.Lock() // Grow changes NrZones
+	defer img.mu.Unlock()
 	if img.zones == nil {
 		return Zones{}, false
 	}
@@ -235,14 +237,17 @@ func (img *Image) SetWritePointer(zone int, wp int64) error {
 	if img.readOnly {
 		return fmt.Errorf("set write pointer: %w", ErrReadOnly)
 	}
+	img.mu.Lock() // Grow adds zones
 	if zone < 0 || zone >= len(img.writePointers) {
-		return fmt.Errorf("set write pointer: zone %d of %d: %w", zone, len(img.writePointers), ErrOutOfRange)
+		n := len(img.writePointers)
+		img.mu.Unlock()
+		return fmt.Errorf("set write pointer: zone %d of %d: %w", zone, n, ErrOutOfRange)
 	}
 	start := int64(zone) * img.zones.ZoneSize
 	if wp < start || wp > start+img.zones.ZoneSize {
+		img.mu.Unlock()
 		return fmt.Errorf("zone %d: write pointer %#x outside [%#x, %#x]: %w", zone, wp, start, start+img.zones.ZoneSize, ErrOutOfRange)
 	}
-	img.mu.Lock()
 	if img.writePointers[zone] == wp {
 		img.mu.Unlock()
 		return nil
@@ -272,9 +277,7 @@ func (img *Image) writeWritePointers() error {
 	}
 	lo, hi := img.wpDirtyLo, img.wpDirtyHi
 	buf := make([]byte, (hi-lo)*8)
-	for i := lo; i < hi; i++ {
-		binary.LittleEndian.PutUint64(buf[(i-lo)*8:], img.zones.wpEntry(i, img.writePointers[i]))
-	}
+	img.zones.putEntries(buf, lo, img.writePointers[lo:hi])
 	if _, err := img.file.WriteAt(buf, int64(img.zones.metaOffset)+int64(lo)*8); err != nil {
 		return fmt.Errorf("writing the write pointers of zones %d-%d: %w", lo, hi-1, err)
 	}
@@ -289,10 +292,26 @@ func (img *Image) writeWritePointers() error {
 // empty, every conventional zone flagged.
 func (z *zonedExt) initialTable() []byte {
 	b := make([]byte, z.metaSize)
-	for i := range int(z.NrZones) {
-		binary.LittleEndian.PutUint64(b[i*8:], z.wpEntry(i, int64(i)*z.ZoneSize))
-	}
+	z.putEntries(b, 0, z.emptyPointers(0, int(z.NrZones)))
 	return b
+}
+
+// emptyPointers are the write pointers of zones lo..hi-1 when empty: their
+// starts.
+func (z *zonedExt) emptyPointers(lo, hi int) []int64 {
+	wps := make([]int64, hi-lo)
+	for i := range wps {
+		wps[i] = int64(lo+i) * z.ZoneSize
+	}
+	return wps
+}
+
+// putEntries encodes the table entries of zones lo, lo+1, ... with write
+// pointers wps into buf.
+func (z *zonedExt) putEntries(buf []byte, lo int, wps []int64) {
+	for i, wp := range wps {
+		binary.LittleEndian.PutUint64(buf[i*8:], z.wpEntry(lo+i, wp))
+	}
 }
 
 // checkZones counts the write-pointer table's clusters as referenced and

@@ -560,7 +560,7 @@ func TestKernelAttachCLI(t *testing.T) {
 	vmtest.CheckImageClean(t, path)
 
 	// SIGTERM disconnects, flushes and exits 0.
-	a = vmtest.StartAttach(t, bin, "/dev/nbd", path)
+	a = vmtest.StartAttach(t, bin, "/dev/nbd", "--backend", "nbd", path)
 	a.Cmd.Process.Signal(syscall.SIGTERM)
 	if err := a.Wait(t); err != nil {
 		t.Fatalf("zq-csi attach after SIGTERM: %v; stderr: %s", err, a.Stderr)
@@ -570,7 +570,7 @@ func TestKernelAttachCLI(t *testing.T) {
 
 	// SIGKILL: the device stays, its I/O is held; attach --recover takes
 	// it back.
-	a = vmtest.StartAttach(t, bin, "/dev/nbd", "--dead-conn-timeout", "60", path)
+	a = vmtest.StartAttach(t, bin, "/dev/nbd", "--backend", "nbd", "--dead-conn-timeout", "60", path)
 	dev := a.Dev
 	vmtest.Run(t, "dd", "if="+pat, "of="+dev, "bs=1M", "seek=8", "oflag=direct", "conv=fsync", "status=none")
 	a.Cmd.Process.Kill()

@@ -388,23 +388,16 @@ func TestKernelRecoverAfterKill(t *testing.T) {
 	bin := zqCSI(t)
 	path := createZoned(t, 1<<30, issueGeometry)
 	a := vmtest.StartAttach(t, bin, "/dev/ublkb", path)
-	fio := exec.Command("fio", "--name=recover", "--filename="+a.Dev, "--zonemode=zbd", "--direct=1",
+	fio := vmtest.Start(t, "fio", "--name=recover", "--filename="+a.Dev, "--zonemode=zbd", "--direct=1",
 		"--ioengine=io_uring", "--iodepth=4", "--rw=write", "--bs=64k", "--offset=128M", "--size=256M",
 		"--max_open_zones=4", "--verify=crc32c", "--do_verify=1")
-	var fioOut bytes.Buffer
-	fio.Stdout, fio.Stderr = &fioOut, &fioOut
-	if err := fio.Start(); err != nil {
-		t.Fatal(err)
-	}
-	fioDone := make(chan error, 1)
-	go func() { fioDone <- fio.Wait() }()
 
 	time.Sleep(3 * time.Second)
 	a.Cmd.Process.Kill()
 	a.Wait(t)
 	select {
-	case err := <-fioDone:
-		t.Fatalf("fio ended while the device had no server (%v):\n%s", err, fioOut.String())
+	case err := <-fio.Done():
+		t.Fatalf("fio ended while the device had no server (%v):\n%s", err, fio.Out.String())
 	case <-time.After(2 * time.Second):
 	}
 	r := vmtest.StartAttach(t, bin, "/dev/ublkb", "--recover", a.Dev, path)
@@ -412,13 +405,13 @@ func TestKernelRecoverAfterKill(t *testing.T) {
 		t.Fatalf("recover printed %s, want %s", r.Dev, a.Dev)
 	}
 	select {
-	case err := <-fioDone:
-		if err != nil || !strings.Contains(fioOut.String(), "err= 0") {
-			t.Fatalf("fio across the recovery: %v\n%s\nattach: %s\nrecover: %s", err, fioOut.String(), a.Stderr, r.Stderr)
+	case err := <-fio.Done():
+		if err != nil || !strings.Contains(fio.Out.String(), "err= 0") {
+			t.Fatalf("fio across the recovery: %v\n%s\nattach: %s\nrecover: %s", err, fio.Out.String(), a.Stderr, r.Stderr)
 		}
 	case <-time.After(5 * time.Minute):
-		fio.Process.Kill()
-		t.Fatalf("fio did not finish after the recovery:\n%s\nrecover: %s", fioOut.String(), r.Stderr)
+		fio.Cmd.Process.Kill()
+		t.Fatalf("fio did not finish after the recovery:\n%s\nrecover: %s", fio.Out.String(), r.Stderr)
 	}
 	vmtest.Run(t, bin, "detach", r.Dev)
 	if err := r.Wait(t); err != nil {

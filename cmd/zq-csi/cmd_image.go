@@ -18,12 +18,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"math"
 	"os"
 	"strconv"
 	"strings"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
@@ -63,324 +63,32 @@ func checkFormat(f string) error {
 
 // ---- create ----------------------------------------------------------
 
-// createSpec collects the creation parameters from -o and the operands.
-type createSpec struct {
-	opts image.CreateOptions
-	// zoneMode and zoneGeom are the zone.* options as given; zones is
-	// the geometry the image gets (defaults and clamps applied), nil for
-	// a plain image.
-	zoneMode string
-	zoneGeom zoned.Geometry
-	zones    *zoned.Geometry
-	// given records which options were set explicitly, for the
-	// "Formatting" line (qemu-img shows some only when given).
-	given map[string]bool
-}
-
-// createOption is one key of `image create -o`. The table below is the
-// only place that knows the keys: to add one, add an entry with its parser
-// and how it shows in the "Formatting" line.
-type createOption struct {
-	key  string
-	help string
-	// set parses the value into the spec.
-	set func(s *createSpec, v string) error
-	// show returns the value printed in the "Formatting" line, in table
-	// order; ok false leaves the key out.
-	show func(s *createSpec) (v string, ok bool)
-}
-
-// createOptions is in the order qemu-img prints the "Formatting" line.
-var createOptions = []createOption{
-	{
-		key:  "cluster_size",
-		help: "qcow2 cluster size, a power of two from 512 to 2M (default 64k)",
-		set: func(s *createSpec, v string) error {
-			n, err := ParseSize(v)
-			if err != nil {
-				return err
-			}
-			if n <= 0 || n > image.MaxClusterSize {
-				return fmt.Errorf("cluster size %d out of range: must be a power of two from %d to %d", n, image.MinClusterSize, image.MaxClusterSize)
-			}
-			s.opts.ClusterSize = int(n)
-			return nil
-		},
-		show: func(s *createSpec) (string, bool) {
-			return fmt.Sprint(orDefault(s.opts.ClusterSize, image.DefaultClusterSize)), true
-		},
-	},
-	{
-		key:  "extended_l2",
-		help: "extended L2 entries (subclusters): only off is supported for new images",
-		set: func(s *createSpec, v string) error {
-			on, err := ParseBool(v)
-			if err != nil {
-				return err
-			}
-			if on {
-				return fmt.Errorf("extended_l2=on is not supported for new images")
-			}
-			return nil
-		},
-		show: func(*createSpec) (string, bool) { return "off", true },
-	},
-	{
-		key:  "preallocation",
-		help: "off or metadata (allocate the L2 tables and mark every cluster zero)",
-		set: func(s *createSpec, v string) error {
-			switch v {
-			case image.PreallocOff, image.PreallocMetadata:
-				s.opts.Preallocation = v
-				return nil
-			case "falloc", "full":
-				return fmt.Errorf("preallocation=%s is not supported (use off or metadata)", v)
-			}
-			return fmt.Errorf("invalid preallocation %q (use off or metadata)", v)
-		},
-		show: func(s *createSpec) (string, bool) {
-			return s.opts.Preallocation, s.given["preallocation"]
-		},
-	},
-	{
-		key:  "compression_type",
-		help: "compression type of compressed clusters: only zlib",
-		set: func(s *createSpec, v string) error {
-			if v != "zlib" {
-				return fmt.Errorf("compression_type=%s is not supported (only zlib)", v)
-			}
-			return nil
-		},
-		show: func(*createSpec) (string, bool) { return "zlib", true },
-	},
-	{
-		key:  "size",
-		help: "virtual disk size (the SIZE operand takes precedence)",
-		set: func(s *createSpec, v string) error {
-			n, err := ParseSize(v)
-			if err != nil {
-				return err
-			}
-			s.opts.Size = n
-			return nil
-		},
-		show: func(s *createSpec) (string, bool) { return fmt.Sprint(s.opts.Size), true },
-	},
-	{
-		key:  "lazy_refcounts",
-		help: "on or off: defer refcount updates (the image is marked dirty while open)",
-		set: func(s *createSpec, v string) error {
-			on, err := ParseBool(v)
-			s.opts.LazyRefcounts = on
-			return err
-		},
-		show: func(s *createSpec) (string, bool) { return onOff(s.opts.LazyRefcounts), true },
-	},
-	{
-		key:  "refcount_bits",
-		help: "width of a refcount: 1, 2, 4, 8, 16, 32 or 64 (default 16)",
-		set: func(s *createSpec, v string) error {
-			n, err := ParseSize(v)
-			if err != nil || n > 64 {
-				return fmt.Errorf("invalid refcount_bits %q: use 1, 2, 4, 8, 16, 32 or 64", v)
-			}
-			s.opts.RefcountBits = int(n)
-			return nil
-		},
-		show: func(s *createSpec) (string, bool) {
-			return fmt.Sprint(orDefault(s.opts.RefcountBits, image.DefaultRefcountBits)), true
-		},
-	},
-	{
-		key:  "compat",
-		help: "qcow2 version: 1.1 (v3) only",
-		set: func(s *createSpec, v string) error {
-			if v != "1.1" && v != "v3" {
-				return fmt.Errorf("compat=%s is not supported (only 1.1)", v)
-			}
-			return nil
-		},
-		show: func(s *createSpec) (string, bool) { return "1.1", s.given["compat"] },
-	},
-	// The zoned keys (spec section 4). They only record what was given;
-	// zonedGeometry applies the defaults and checks the combination, and
-	// the Formatting line shows the values the image gets.
-	{
-		key:  "zone.mode",
-		help: "host-managed: make a zoned image (required for any other zone.* key)",
-		set: func(s *createSpec, v string) error {
-			if v != zoneModeHostManaged {
-				return fmt.Errorf("invalid value %q: only %s is supported", v, zoneModeHostManaged)
-			}
-			s.zoneMode = v
-			return nil
-		},
-		show: func(s *createSpec) (string, bool) { return zoneModeHostManaged, s.zones != nil },
-	},
-	zoneOption("zone.size", "bytes per zone, a power of two (default 256M)", ParseSize,
-		func(g *zoned.Geometry) *int64 { return &g.ZoneSize }),
-	zoneOption("zone.capacity", "writable bytes per zone, at most zone.size (default zone.size)", ParseSize,
-		func(g *zoned.Geometry) *int64 { return &g.ZoneCapacity }),
-	zoneOption("zone.conventional_zones", "number of conventional (randomly writable) zones at the start (default 0)", parseCount,
-		func(g *zoned.Geometry) *int { return &g.ConventionalZones }),
-	zoneOption("zone.max_open_zones", "limit on open zones, 0 for none (default: zone.max_active_zones)", parseCount,
-		func(g *zoned.Geometry) *int { return &g.MaxOpenZones }),
-	zoneOption("zone.max_active_zones", "limit on open + closed zones, 0 for none (default 0)", parseCount,
-		func(g *zoned.Geometry) *int { return &g.MaxActiveZones }),
-	zoneOption("zone.max_append_bytes", "largest zone append, a multiple of 512 below zone.capacity - 512 (default 64k)", ParseSize,
-		func(g *zoned.Geometry) *int64 { return &g.MaxAppendBytes }),
-}
-
-// zoneModeHostManaged is the one zone.mode value: QEMU's zoned qcow2
-// images are host-managed.
-const zoneModeHostManaged = "host-managed"
-
-// zoneOption is a zone.* key holding one field of the geometry: set
-// records the value given, the Formatting line shows the value the image
-// gets (defaults and clamps applied).
-func zoneOption[T int | int64](key, help string, parse func(string) (T, error), field func(*zoned.Geometry) *T) createOption {
-	return createOption{
-		key:  key,
-		help: help,
-		set: func(s *createSpec, v string) error {
-			n, err := parse(v)
-			*field(&s.zoneGeom) = n
-			return err
-		},
-		show: func(s *createSpec) (string, bool) {
-			if s.zones == nil {
-				return "", false
-			}
-			return fmt.Sprint(*field(s.zones)), true
-		},
-	}
-}
-
-// parseCount parses a zone count option: a decimal or 0x hexadecimal
-// number that fits the header's 32-bit field.
-func parseCount(v string) (int, error) {
-	base, digits := 10, v
-	if len(v) > 2 && v[0] == '0' && (v[1] == 'x' || v[1] == 'X') {
-		base, digits = 16, v[2:]
-	}
-	if digits == "" || strings.ContainsAny(digits[:1], "+-_") {
-		return 0, fmt.Errorf("invalid number %q", v)
-	}
-	n, err := strconv.ParseUint(digits, base, 64)
-	if err != nil {
-		return 0, fmt.Errorf("invalid number %q", v)
-	}
-	if n > math.MaxUint32 {
-		return 0, fmt.Errorf("%s is out of range (at most %d)", v, uint32(math.MaxUint32))
-	}
-	return int(n), nil
-}
-
-// zonedGeometry turns the zone.* options into the geometry to create, with
-// the defaults of spec section 4 filled in (Normalize derives max_open from
-// max_active). It returns nil for a plain image, and an error naming the
-// key when zone.* keys come without zone.mode=host-managed. The geometry
-// is not validated here: see runImageCreate.
-func zonedGeometry(s *createSpec) (*zoned.Geometry, error) {
-	if s.zoneMode == "" {
-		for _, o := range createOptions {
-			if strings.HasPrefix(o.key, "zone.") && s.given[o.key] {
-				return nil, fmt.Errorf("option %s needs zone.mode=%s", o.key, zoneModeHostManaged)
-			}
-		}
-		return nil, nil
-	}
-	g := s.zoneGeom
-	if !s.given["zone.size"] {
-		g.ZoneSize = zoned.DefaultZoneSize
-	}
-	if !s.given["zone.capacity"] {
-		g.ZoneCapacity = g.ZoneSize
-	}
-	if !s.given["zone.max_append_bytes"] {
-		g.MaxAppendBytes = zoned.DefaultMaxAppendBytes
-	}
-	return &g, nil
-}
-
-// unsupportedCreateOptions are qemu-img qcow2 options that zq-csi knows
-// but refuses, with a clearer message than "unknown option".
-var unsupportedCreateOptions = map[string]string{
-	"backing_file":   "backing files are not supported",
-	"backing_fmt":    "backing files are not supported",
-	"data_file":      "external data files are not supported",
-	"data_file_raw":  "external data files are not supported",
-	"encrypt":        "encryption is not supported",
-	"encryption":     "encryption is not supported",
-	"encrypt.format": "encryption is not supported",
-}
-
-func orDefault(v, def int) int {
-	if v == 0 {
-		return def
-	}
-	return v
-}
-
-func onOff(b bool) string {
-	if b {
-		return "on"
-	}
-	return "off"
-}
-
-// applyCreateOptions parses the -o lists into spec. Later values of a key
-// override earlier ones, as in qemu-img.
-func applyCreateOptions(spec *createSpec, lists []string) (help bool, err error) {
-	if spec.given == nil {
-		spec.given = map[string]bool{}
-	}
+// applyCreateOptions sets the -o lists into spec. Later values of a key
+// override earlier ones, as in qemu-img; help (or ?) asks for the list of
+// keys.
+func applyCreateOptions(spec *volume.CreateSpec, lists []string) (help bool, err error) {
 	for _, l := range lists {
 		kvs, err := ParseOptList(l)
 		if err != nil {
 			return false, err
 		}
 		for _, kv := range kvs {
-			k, v := kv[0], kv[1]
-			if k == "help" || k == "?" {
+			if kv[0] == "help" || kv[0] == "?" {
 				help = true
 				continue
 			}
-			opt := findCreateOption(k)
-			if opt == nil {
-				if why, ok := unsupportedCreateOptions[k]; ok {
-					return false, fmt.Errorf("option %q is not supported: %s", k, why)
-				}
-				return false, fmt.Errorf("unknown option %q", k)
+			if err := spec.Set(kv[0], kv[1]); err != nil {
+				return false, err
 			}
-			if err := opt.set(spec, v); err != nil {
-				return false, fmt.Errorf("option %s: %w", k, err)
-			}
-			spec.given[k] = true
 		}
 	}
 	return help, nil
 }
 
-func findCreateOption(key string) *createOption {
-	for i := range createOptions {
-		if createOptions[i].key == key {
-			return &createOptions[i]
-		}
-	}
-	return nil
-}
-
-// formattingLine is qemu-img create's first line of output.
-func formattingLine(file string, spec *createSpec) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "Formatting '%s', fmt=qcow2", file)
-	for i := range createOptions {
-		if v, ok := createOptions[i].show(spec); ok {
-			fmt.Fprintf(&b, " %s=%s", createOptions[i].key, v)
-		}
-	}
-	return b.String()
+// formattingLine is qemu-img create's first line of output; zones is the
+// geometry the image gets, nil for a plain image.
+func formattingLine(file string, spec *volume.CreateSpec, zones *zoned.Geometry) string {
+	return strings.Join(append([]string{fmt.Sprintf("Formatting '%s', fmt=qcow2", file)}, spec.Formatting(zones)...), " ")
 }
 
 func createUsage(w io.Writer) {
@@ -397,8 +105,8 @@ fraction needs a unit (1.5G). FILE must not exist.
 }
 
 func listCreateOptions(w io.Writer) {
-	for _, o := range createOptions {
-		fmt.Fprintf(w, "  %-24s %s\n", o.key, o.help)
+	for _, o := range volume.CreateOptionHelp() {
+		fmt.Fprintf(w, "  %-24s %s\n", o.Key, o.Help)
 	}
 }
 
@@ -419,7 +127,7 @@ func runImageCreate(e *env, args []string) int {
 	if err := checkFormat(*format); err != nil {
 		return e.fail(err, createUsage)
 	}
-	spec := &createSpec{}
+	spec := &volume.CreateSpec{}
 	help, err := applyCreateOptions(spec, olists)
 	if err != nil {
 		return e.fail(usagef("%v", err), nil)
@@ -439,36 +147,35 @@ func runImageCreate(e *env, args []string) int {
 		if err != nil {
 			return e.fail(usagef("%v", err), createUsage)
 		}
-		spec.opts.Size = n
-	case !spec.given["size"]:
+		spec.SetSize(n)
+	case !spec.Given("size"):
 		return e.fail(usagef("missing SIZE"), createUsage)
 	}
 	file := operands[0]
-	geom, err := zonedGeometry(spec)
+	geom, err := spec.Geometry()
 	if err != nil {
 		return e.fail(usagef("%v", err), nil)
 	}
+	var zones *zoned.Geometry
 	if geom != nil {
 		// Validate before printing anything, as CreateImage will: a bad
 		// value or combination is a usage error naming the key.
-		g := *geom
-		g.Size = (spec.opts.Size + zoned.SectorSize - 1) / zoned.SectorSize * zoned.SectorSize
-		norm, _, err := g.Normalize()
+		norm, _, err := geom.Normalize()
 		if err != nil {
 			return e.fail(usagef("%v", err), nil)
 		}
-		spec.zones = &norm
+		zones = &norm
 	}
 	if !*quiet {
-		fmt.Fprintln(e.stdout, formattingLine(file, spec))
+		fmt.Fprintln(e.stdout, formattingLine(file, spec, zones))
 	}
 	if geom == nil {
-		if err := image.Create(file, spec.opts); err != nil {
+		if err := image.Create(file, spec.Options()); err != nil {
 			return e.fail(err, nil)
 		}
 		return exitOK
 	}
-	notes, err := zoned.CreateImage(file, spec.opts, *geom)
+	notes, err := zoned.CreateImage(file, spec.Options(), *geom)
 	// Clamp notes go to stderr even with -q, like QEMU's messages: the
 	// image differs from what was asked.
 	for _, n := range notes {
@@ -561,7 +268,7 @@ func runImageInfo(e *env, args []string) int {
 			ExtendedL2:      info.ExtendedL2,
 		}
 		if info.Zones != nil {
-			j.FormatSpecific.Data.Zoned = &zonedInfoJSON{Mode: zoneModeHostManaged, Zones: *info.Zones}
+			j.FormatSpecific.Data.Zoned = &zonedInfoJSON{Mode: volume.ZoneModeHostManaged, Zones: *info.Zones}
 		}
 		return writeJSON(e, j)
 	}
@@ -584,7 +291,7 @@ func runImageInfo(e *env, args []string) int {
 	}
 	if z := info.Zones; z != nil {
 		fmt.Fprintf(w, "    zoned:\n")
-		fmt.Fprintf(w, "        zone model: %s\n", zoneModeHostManaged)
+		fmt.Fprintf(w, "        zone model: %s\n", volume.ZoneModeHostManaged)
 		fmt.Fprintf(w, "        zone size: %s\n", exactSize(z.ZoneSize))
 		fmt.Fprintf(w, "        zone capacity: %s\n", exactSize(z.ZoneCapacity))
 		fmt.Fprintf(w, "        conventional zones: %d\n", z.ConventionalZones)

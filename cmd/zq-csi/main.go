@@ -4,11 +4,9 @@
 //	zq-csi image create|info|check ...   qemu-img-like image tools
 //	zq-csi io [-r] [-c CMD]... FILE       qemu-io-like I/O on one image
 //	zq-csi export [--socket P|--tcp A] FILE  qemu-nbd-like NBD export
-//	zq-csi attach [--backend nbd] FILE    attach to the kernel, print /dev/nbdN
-//	zq-csi detach DEV                     disconnect an attached device
-//
-// Planned, in its own file registering in the subcommands table: serve
-// (the CSI services).
+//	zq-csi attach [--backend ublk|nbd] FILE  attach to the kernel, print /dev/ublkbN or /dev/nbdN
+//	zq-csi detach DEV                     remove an attached device
+//	zq-csi serve --endpoint unix:///PATH ...  the CSI plugin
 //
 // Exit codes: 0 success, 1 failure, 2 usage error; `image check` uses
 // qemu-img check's codes (see cmd_image.go).
@@ -32,14 +30,15 @@ type subcommand struct {
 	run func(e *env, args []string) int
 }
 
-// subcommands is the table of verbs. New verbs (serve, export, attach,
-// detach) add one entry here and live in their own cmd_<name>.go file.
+// subcommands is the table of verbs. A new verb adds one entry here and
+// lives in its own cmd_<name>.go file.
 var subcommands = []subcommand{
 	{"image", "create, inspect and check qcow2 images (like qemu-img)", runImage},
 	{"io", "run I/O commands on an image (like qemu-io)", runIO},
 	{"export", "serve an image over NBD (like qemu-nbd)", runExport},
-	{"attach", "attach an image to the kernel as /dev/nbdN and serve it", runAttach},
-	{"detach", "disconnect a device attached by attach", runDetach},
+	{"attach", "attach an image to the kernel (ublk or nbd) and serve it", runAttach},
+	{"detach", "remove a device attached by attach", runDetach},
+	{"serve", "run the CSI plugin (identity, controller, node services)", runServe},
 }
 
 // env is what a subcommand talks to: its output streams and its name for

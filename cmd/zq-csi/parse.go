@@ -1,136 +1,25 @@
 package main
 
-// Parsers for the command line: sizes and numbers (qemu's qemu_strtosz
-// syntax, plus the MiB and Kubernetes Mi forms), qemu-img option lists
-// (-o k=v,k=v) and qemu-io command lines. They are pure functions so that
-// table tests and fuzz targets can cover them.
+// Parsers for the command line: qemu-img option lists (-o k=v,k=v),
+// qemu-io pattern bytes and command lines. Sizes and the image options
+// themselves are package volume's, shared with the CSI driver. They are
+// pure functions so that table tests and fuzz targets can cover them.
 
 import (
-	"errors"
 	"fmt"
-	"math"
-	"math/big"
+	"strconv"
 	"strings"
+
+	"github.com/zq-csi/zq-csi/volume"
 )
 
-// errNumSyntax and errNumRange are wrapped by ParseSize's errors; the
-// texts are qemu-io's.
-var (
-	errNumSyntax = errors.New("non-numeric argument, or extraneous/unrecognized suffix")
-	errNumRange  = errors.New("argument too large")
-)
-
-// sizeSuffixes maps a unit suffix (case-insensitive) to its power of 1024.
-// qemu's single letters (B, K, M, G, T, P, E) are powers of 1024, and so
-// are the IEC forms (KiB, MiB, ...) and the Kubernetes quantities (Ki, Mi,
-// ...). Kubernetes' decimal suffixes (k = 1000, M = 10^6) are deliberately
-// not supported: in this tool "M" always means MiB, as in qemu-img.
-var sizeSuffixes = func() map[string]uint {
-	m := map[string]uint{"": 0, "b": 0}
-	for i, l := range []string{"k", "m", "g", "t", "p", "e"} {
-		shift := uint(10 * (i + 1))
-		m[l] = shift
-		m[l+"i"] = shift
-		m[l+"ib"] = shift
-	}
-	return m
-}()
-
-// ParseSize parses a byte count the way qemu-img and qemu-io do
-// (qemu_strtosz with bytes as the default unit) and accepts the IEC and
-// Kubernetes binary forms as well:
-//
-//	4096  0x1000  4k  4K  1.5M  2G  1T  1P  1E  64MiB  64Mi  512b
-//
-// A fraction needs a unit other than bytes and is truncated to whole
-// bytes ("1.5k" is 1536). Hexadecimal takes no fraction and no unit. The
-// result is at most math.MaxInt64.
-func ParseSize(s string) (int64, error) {
-	v, err := parseSize(s)
-	if err != nil {
-		return 0, fmt.Errorf("invalid size %q: %w", s, err)
-	}
-	return v, nil
-}
-
-func parseSize(s string) (int64, error) {
-	if s == "" {
-		return 0, errNumSyntax
-	}
-	if len(s) > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X') {
-		var v uint64
-		for _, c := range s[2:] {
-			d, ok := hexDigit(c)
-			if !ok {
-				return 0, errNumSyntax
-			}
-			if v > (math.MaxInt64-uint64(d))/16 {
-				return 0, errNumRange
-			}
-			v = v*16 + uint64(d)
-		}
-		return int64(v), nil
-	}
-	i := 0
-	for i < len(s) && isDigit(s[i]) {
-		i++
-	}
-	if i == 0 {
-		return 0, errNumSyntax
-	}
-	intPart := s[:i]
-	fracPart := ""
-	if i < len(s) && s[i] == '.' {
-		j := i + 1
-		for j < len(s) && isDigit(s[j]) {
-			j++
-		}
-		fracPart = s[i+1 : j]
-		if fracPart == "" {
-			fracPart = "0" // "1.k" is 1k, as in qemu
-		}
-		i = j
-	}
-	shift, ok := sizeSuffixes[strings.ToLower(s[i:])]
-	if !ok {
-		return 0, errNumSyntax
-	}
-	if fracPart != "" && shift == 0 {
-		return 0, errNumSyntax
-	}
-	// Exact arithmetic: (int + frac/10^n) * 2^shift, truncated.
-	v, _ := new(big.Int).SetString(intPart, 10)
-	v.Lsh(v, shift)
-	if fracPart != "" {
-		f, _ := new(big.Int).SetString(fracPart, 10)
-		f.Lsh(f, shift)
-		f.Quo(f, new(big.Int).Exp(big.NewInt(10), big.NewInt(int64(len(fracPart))), nil))
-		v.Add(v, f)
-	}
-	if !v.IsInt64() {
-		return 0, errNumRange
-	}
-	return v.Int64(), nil
-}
-
-func isDigit(c byte) bool { return c >= '0' && c <= '9' }
-
-func hexDigit(c rune) (int, bool) {
-	switch {
-	case c >= '0' && c <= '9':
-		return int(c - '0'), true
-	case c >= 'a' && c <= 'f':
-		return int(c-'a') + 10, true
-	case c >= 'A' && c <= 'F':
-		return int(c-'A') + 10, true
-	}
-	return 0, false
-}
+// ParseSize is volume.ParseSize (qemu-img sizes plus the IEC and
+// Kubernetes binary forms), the one size syntax of the whole tool.
+func ParseSize(s string) (int64, error) { return volume.ParseSize(s) }
 
 // ParsePattern parses a qemu-io pattern byte: a C integer literal
 // (decimal, 0x hexadecimal or 0 octal) from 0 to 255.
 func ParsePattern(s string) (byte, error) {
-	bad := fmt.Errorf("%s is not a valid pattern byte", s)
 	base, digits := 10, s
 	switch {
 	case len(s) > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X'):
@@ -138,19 +27,10 @@ func ParsePattern(s string) (byte, error) {
 	case len(s) > 1 && s[0] == '0':
 		base, digits = 8, s[1:]
 	}
-	if digits == "" {
-		return 0, bad
-	}
-	v := 0
-	for _, c := range digits {
-		d, ok := hexDigit(c)
-		if !ok || d >= base {
-			return 0, bad
-		}
-		v = v*base + d
-		if v > 255 {
-			return 0, bad
-		}
+	// With an explicit base, ParseUint takes neither a sign nor '_'.
+	v, err := strconv.ParseUint(digits, base, 8)
+	if err != nil {
+		return 0, fmt.Errorf("%s is not a valid pattern byte", s)
 	}
 	return byte(v), nil
 }
@@ -206,17 +86,6 @@ func ParseOptList(s string) ([][2]string, error) {
 		out = append(out, [2]string{key, val.String()})
 	}
 	return out, nil
-}
-
-// ParseBool parses a qemu boolean option value.
-func ParseBool(s string) (bool, error) {
-	switch strings.ToLower(s) {
-	case "on", "yes", "true", "y":
-		return true, nil
-	case "off", "no", "false", "n":
-		return false, nil
-	}
-	return false, fmt.Errorf("invalid boolean %q (use on or off)", s)
 }
 
 // SplitCommandLine splits a qemu-io command line into words at blanks.

@@ -1,131 +1,11 @@
 package main
 
 import (
-	"math"
 	"reflect"
 	"strconv"
 	"strings"
 	"testing"
 )
-
-func TestParseSize(t *testing.T) {
-	tests := []struct {
-		name string
-		in   string
-		want int64
-	}{
-		{"plain bytes", "4096", 4096},
-		{"zero", "0", 0},
-		{"leading zeros are decimal not octal", "012", 12},
-		{"hexadecimal", "0x1000", 4096},
-		{"hexadecimal upper case", "0X1F", 31},
-		{"b suffix means bytes", "512b", 512},
-		{"B suffix means bytes", "512B", 512},
-		{"k is 1024", "4k", 4096},
-		{"K is 1024", "4K", 4096},
-		{"M is a power of 1024", "64M", 64 << 20},
-		{"m is case-insensitive", "64m", 64 << 20},
-		{"G", "1G", 1 << 30},
-		{"T", "2T", 2 << 40},
-		{"P", "1P", 1 << 50},
-		{"E", "1E", 1 << 60},
-		{"IEC KiB", "4KiB", 4096},
-		{"IEC MiB", "64MiB", 64 << 20},
-		{"IEC GiB", "1GiB", 1 << 30},
-		{"Kubernetes Ki", "4Ki", 4096},
-		{"Kubernetes Mi", "64Mi", 64 << 20},
-		{"Kubernetes Gi", "1Gi", 1 << 30},
-		{"fraction with a unit", "1.5k", 1536},
-		{"fraction is truncated to whole bytes", "1.0001k", 1024},
-		{"fraction with IEC unit", "1.5GiB", 3 << 29},
-		{"trailing dot with a unit", "1.k", 1024},
-		{"largest int64", "9223372036854775807", math.MaxInt64},
-		{"largest hex", "0x7fffffffffffffff", math.MaxInt64},
-		{"7E fits", "7E", 7 << 60},
-		{"long fraction stays exact", "1.99999999999999999999999999k", 2047},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := ParseSize(tt.in)
-			if err != nil {
-				t.Fatalf("ParseSize(%q): %v", tt.in, err)
-			}
-			if got != tt.want {
-				t.Fatalf("ParseSize(%q) = %d, want %d", tt.in, got, tt.want)
-			}
-		})
-	}
-}
-
-func TestParseSizeRefuses(t *testing.T) {
-	tests := []struct {
-		name    string
-		in      string
-		errText string
-	}{
-		{"empty", "", "non-numeric"},
-		{"letters", "x", "non-numeric"},
-		{"negative", "-1", "non-numeric"},
-		{"plus sign", "+1", "non-numeric"},
-		{"fraction without a unit", "1.5", "non-numeric"},
-		{"fraction with bytes unit", "1.5b", "non-numeric"},
-		{"leading dot", ".5k", "non-numeric"},
-		{"exponent notation", "1e3", "non-numeric"},
-		{"decimal kB is not a unit", "1kb", "non-numeric"},
-		{"lower-case IEC i only after a unit", "1i", "non-numeric"},
-		{"hex with a unit", "0x1k", "non-numeric"},
-		{"hex without digits", "0x", "non-numeric"},
-		{"binary literal", "0b11", "non-numeric"},
-		{"blank inside", "1 k", "non-numeric"},
-		{"leading blank", " 12", "non-numeric"},
-		{"unit twice", "1kk", "non-numeric"},
-		{"one past int64", "9223372036854775808", "too large"},
-		{"8E overflows", "8E", "too large"},
-		{"huge decimal", strings.Repeat("9", 40), "too large"},
-		{"huge hex", "0x" + strings.Repeat("f", 17), "too large"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := ParseSize(tt.in)
-			if err == nil {
-				t.Fatalf("ParseSize(%q) = %d, want an error", tt.in, got)
-			}
-			if !strings.Contains(err.Error(), tt.errText) || !strings.Contains(err.Error(), strconv.Quote(tt.in)) {
-				t.Fatalf("ParseSize(%q) error %q: want it to quote the input and say %q", tt.in, err, tt.errText)
-			}
-		})
-	}
-}
-
-func FuzzParseSize(f *testing.F) {
-	for _, s := range []string{"0", "4096", "0x1000", "4k", "1.5M", "64MiB", "64Mi", "1E", "8E",
-		"9223372036854775807", "1.k", ".5k", "0x", "", "1.0001k", "1kb"} {
-		f.Add(s)
-	}
-	f.Fuzz(func(t *testing.T, s string) {
-		v, err := ParseSize(s)
-		if err != nil {
-			return
-		}
-		if v < 0 {
-			t.Fatalf("ParseSize(%q) = %d, negative", s, v)
-		}
-		// The decimal form of any accepted value parses to itself.
-		if w, err := ParseSize(strconv.FormatInt(v, 10)); err != nil || w != v {
-			t.Fatalf("ParseSize(%d) = %d, %v", v, w, err)
-		}
-		// A plain decimal number means exactly its value.
-		if n, err := strconv.ParseInt(s, 10, 64); err == nil && s[0] != '+' && s[0] != '-' && n != v {
-			t.Fatalf("ParseSize(%q) = %d, want %d", s, v, n)
-		}
-		// A unit multiplies: "<s>k" is 1024 times "<s>" when both are whole.
-		if !strings.ContainsAny(s, ".xXkKmMgGtTpPeEbBiI") && v <= math.MaxInt64>>10 {
-			if w, err := ParseSize(s + "k"); err != nil || w != v<<10 {
-				t.Fatalf("ParseSize(%q) = %d, %v; want %d", s+"k", w, err, v<<10)
-			}
-		}
-	})
-}
 
 func TestParsePattern(t *testing.T) {
 	good := []struct {
@@ -333,16 +213,5 @@ func TestSplitCommandLine(t *testing.T) {
 	want := []string{"write", "-P", "0xab", "0", "4k"}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %q, want %q", got, want)
-	}
-}
-
-func TestParseBool(t *testing.T) {
-	for in, want := range map[string]bool{"on": true, "off": false, "yes": true, "no": false, "true": true, "false": false, "ON": true} {
-		if got, err := ParseBool(in); err != nil || got != want {
-			t.Errorf("ParseBool(%q) = %v, %v; want %v", in, got, err, want)
-		}
-	}
-	if _, err := ParseBool("maybe"); err == nil {
-		t.Error("ParseBool(maybe): want an error")
 	}
 }

@@ -183,3 +183,33 @@ func Run(t *testing.T, name string, args ...string) string {
 	}
 	return string(out)
 }
+
+// Background is a command the test runs while it does something else (a
+// workload across a server's death, say).
+type Background struct {
+	Cmd  *exec.Cmd
+	Out  *bytes.Buffer // stdout and stderr
+	done chan error
+}
+
+// Start starts name with args in the background; it is killed at the end
+// of the test if still running.
+func Start(t *testing.T, name string, args ...string) *Background {
+	t.Helper()
+	b := &Background{Cmd: exec.Command(name, args...), Out: &bytes.Buffer{}, done: make(chan error, 1)}
+	b.Cmd.Stdout, b.Cmd.Stderr = b.Out, b.Out
+	if err := b.Cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { b.done <- b.Cmd.Wait() }()
+	t.Cleanup(func() {
+		if b.Cmd.ProcessState == nil {
+			b.Cmd.Process.Kill()
+			<-b.done
+		}
+	})
+	return b
+}
+
+// Done delivers the command's exit error once it has ended.
+func (b *Background) Done() <-chan error { return b.done }

@@ -1,0 +1,128 @@
+package main
+
+// zq-csi serve: the CSI plugin. It serves the Identity service and, by
+// --mode, the Controller and Node services on a unix socket, until SIGTERM
+// or SIGINT. Volumes it staged stay attached when it exits; the next serve
+// with the same --state-dir takes them back.
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/zq-csi/zq-csi/driver"
+)
+
+// version is set at build time (-ldflags "-X main.version=...").
+var version = "dev"
+
+func serveUsage(w io.Writer) {
+	fmt.Fprintf(w, `Usage: zq-csi serve --endpoint unix:///PATH [--node-id ID] [--pool DIR] [--state-dir DIR]
+                    [--mode controller|node|all] [--driver-name NAME] [--max-volumes N]
+                    [--metrics-address HOST:PORT] [-v N]
+
+Run the CSI plugin (CSI spec v1): the Identity service and, by --mode, the
+Controller service (volumes are zoned qcow2 images in the node-local --pool,
+created from StorageClass parameters with qemu-img's option names) and the
+Node service (stage attaches a volume through ublk or nbd and serves it from
+this process; publish bind-mounts the device for volumeMode: Block). Logs go
+to stderr (klog). Runs until SIGTERM or SIGINT; staged volumes stay attached
+and the next serve with the same --state-dir takes them back.
+
+  --endpoint unix:///PATH  the gRPC socket (required; nothing else is listened on
+                           unless --metrics-address is given)
+  --node-id ID             this node's name (default: the host name)
+  --pool DIR               the node's volume images (default /var/lib/zq-csi/pool)
+  --state-dir DIR          staged volumes and image journals (default /var/lib/zq-csi/state)
+  --mode M                 controller, node or all (default all)
+  --driver-name NAME       the CSI driver name (default %s)
+  --max-volumes N          volumes this node stages at most (default 64)
+  --metrics-address A      serve Prometheus metrics on http://A/metrics
+  -v N                     log verbosity (2: every call)
+`, driver.DefaultName)
+}
+
+func runServe(e *env, args []string) int {
+	fs := newFlagSet(e.prog)
+	endpoint := fs.String("endpoint", "", "gRPC endpoint")
+	nodeID := fs.String("node-id", "", "node ID")
+	poolDir := fs.String("pool", "/var/lib/zq-csi/pool", "image pool")
+	stateDir := fs.String("state-dir", "/var/lib/zq-csi/state", "state directory")
+	mode := fs.String("mode", driver.ModeAll, "services")
+	name := fs.String("driver-name", driver.DefaultName, "driver name")
+	maxVolumes := fs.Int64("max-volumes", 64, "max volumes")
+	metricsAddr := fs.String("metrics-address", "", "metrics address")
+	verbosity := fs.String("v", "0", "log verbosity")
+	operands, err := parseInterspersed(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		serveUsage(e.stdout)
+		return exitOK
+	}
+	switch {
+	case err != nil:
+	case len(operands) != 0:
+		err = usagef("unexpected operands %q", operands)
+	case *endpoint == "":
+		err = usagef("--endpoint is required")
+	case *maxVolumes <= 0:
+		err = usagef("--max-volumes %d: must be positive", *maxVolumes)
+	}
+	if err != nil {
+		return e.fail(err, serveUsage)
+	}
+	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(klogFlags)
+	if err := klogFlags.Set("v", *verbosity); err != nil {
+		return e.fail(usagef("-v %q: %v", *verbosity, err), serveUsage)
+	}
+	klog.SetOutput(e.stderr)
+	klogFlags.Set("logtostderr", "false")
+	klogFlags.Set("alsologtostderr", "false")
+	if *nodeID == "" {
+		if *nodeID, err = os.Hostname(); err != nil {
+			return e.fail(fmt.Errorf("--node-id not given and no host name: %w", err), nil)
+		}
+	}
+
+	d, err := driver.New(driver.Config{
+		Name: *name, Version: version, NodeID: *nodeID, Mode: *mode,
+		Pool: *poolDir, StateDir: *stateDir, MaxVolumes: *maxVolumes,
+	})
+	if err != nil {
+		return e.fail(err, nil)
+	}
+	l, err := driver.Listen(*endpoint)
+	if err != nil {
+		return e.fail(err, nil)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if *metricsAddr != "" {
+		ml, err := net.Listen("tcp", *metricsAddr)
+		if err != nil {
+			return e.fail(fmt.Errorf("--metrics-address: %w", err), nil)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", d.MetricsHandler())
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go srv.Serve(ml)
+		defer srv.Close()
+		klog.InfoS("serving metrics", "address", ml.Addr().String())
+	}
+	if err := d.Serve(ctx, l); err != nil {
+		return e.fail(err, nil)
+	}
+	klog.InfoS("stopped")
+	klog.Flush()
+	return exitOK
+}

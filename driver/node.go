@@ -1,0 +1,431 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"k8s.io/klog/v2"
+	"k8s.io/mount-utils"
+
+	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/volume"
+	"github.com/zq-csi/zq-csi/zoned"
+)
+
+// stagedVolume is a volume this node serves. Its record (the exported
+// fields) is kept under the state directory from stage to unstage.
+type stagedVolume struct {
+	ID          string   `json:"id"`
+	Image       string   `json:"image"`
+	Backend     string   `json:"backend"`
+	Device      string   `json:"device"`
+	StagingPath string   `json:"stagingPath"`
+	Targets     []string `json:"targets,omitempty"`
+
+	vol *volume.Volume
+	dev Device
+	err error // why the volume is not being served (re-adoption failed)
+}
+
+// nodeState is the node service's volumes and where their records live.
+type nodeState struct {
+	dir      string // records: <dir>/volumes/<id>.json
+	journals string // the images' redo journals
+	attacher Attacher
+	mounter  mount.Interface
+
+	mu      sync.Mutex
+	volumes map[string]*stagedVolume
+}
+
+func newNodeState(stateDir, journals string, a Attacher, m mount.Interface) (*nodeState, error) {
+	n := &nodeState{dir: filepath.Join(stateDir, "volumes"), journals: journals,
+		attacher: a, mounter: m, volumes: map[string]*stagedVolume{}}
+	if err := os.MkdirAll(n.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	return n, nil
+}
+
+func (n *nodeState) recordPath(id string) string { return filepath.Join(n.dir, id+".json") }
+
+func (n *nodeState) get(id string) *stagedVolume {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.volumes[id]
+}
+
+func (n *nodeState) staged(id string) bool { return n.get(id) != nil }
+
+func (n *nodeState) count() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return len(n.volumes)
+}
+
+func (n *nodeState) put(v *stagedVolume) error {
+	if err := writeJSON(n.recordPath(v.ID), v); err != nil {
+		return err
+	}
+	n.mu.Lock()
+	n.volumes[v.ID] = v
+	n.mu.Unlock()
+	return nil
+}
+
+func (n *nodeState) drop(id string) error {
+	n.mu.Lock()
+	delete(n.volumes, id)
+	n.mu.Unlock()
+	if err := os.Remove(n.recordPath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// openVolume opens a volume's image read-write with the node's journal
+// (replaying what a killed plugin left).
+func (n *nodeState) openVolume(path string) (*volume.Volume, error) {
+	v, err := volume.Open(path, image.OpenOptions{JournalDir: n.journals})
+	if err != nil {
+		return nil, err
+	}
+	if r := v.Img.Info().JournalReplayed; r > 0 {
+		klog.InfoS("replayed the image's journal", "image", path, "batches", r)
+	}
+	return v, nil
+}
+
+// flushAll makes every served image durable (the plugin is exiting; its
+// devices stay, for the next plugin to take back).
+func (n *nodeState) flushAll() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, v := range n.volumes {
+		if v.vol == nil {
+			continue
+		}
+		var err error
+		if v.vol.Zones != nil {
+			err = v.vol.Zones.Flush()
+		} else {
+			err = v.vol.Img.Flush()
+		}
+		if err != nil {
+			klog.ErrorS(err, "flushing a volume at exit", "volume", v.ID)
+		}
+	}
+}
+
+// readopt takes back the volumes a previous plugin process staged: their
+// devices wait for a server (ublk user recovery, nbd dead-connection
+// timeout), and the pods using them must not see an error.
+func (d *Driver) readopt() {
+	entries, err := os.ReadDir(d.node.dir)
+	if err != nil {
+		klog.ErrorS(err, "reading the node state")
+		return
+	}
+	for _, e := range entries {
+		id, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok || checkID(id) != nil {
+			continue
+		}
+		var v stagedVolume
+		if err := readJSON(d.node.recordPath(id), &v); err != nil {
+			klog.ErrorS(err, "unreadable volume record", "volume", id)
+			continue
+		}
+		v.vol, v.err = d.node.openVolume(v.Image)
+		if v.err == nil {
+			v.dev, v.err = d.node.attacher.Recover(v.vol, v.Backend, v.Device)
+			if v.err != nil {
+				v.vol.Close()
+				v.vol = nil
+			}
+		}
+		if v.err != nil {
+			klog.ErrorS(v.err, "could not take back a staged volume; it stays abnormal until unstaged", "volume", id, "device", v.Device)
+		} else {
+			klog.InfoS("took back a staged volume", "volume", id, "device", v.Device)
+		}
+		d.node.mu.Lock()
+		d.node.volumes[id] = &v
+		d.node.mu.Unlock()
+	}
+}
+
+func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
+	var caps []*csi.NodeServiceCapability
+	for _, t := range []csi.NodeServiceCapability_RPC_Type{
+		csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
+		csi.NodeServiceCapability_RPC_GET_VOLUME_STATS,
+		csi.NodeServiceCapability_RPC_VOLUME_CONDITION,
+		csi.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+	} {
+		caps = append(caps, &csi.NodeServiceCapability{Type: &csi.NodeServiceCapability_Rpc{
+			Rpc: &csi.NodeServiceCapability_RPC{Type: t}}})
+	}
+	return &csi.NodeGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
+	return &csi.NodeGetInfoResponse{NodeId: d.cfg.NodeID, MaxVolumesPerNode: d.cfg.MaxVolumes,
+		AccessibleTopology: d.topology()[0]}, nil
+}
+
+func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	switch {
+	case id == "":
+		return nil, statusf(codes.InvalidArgument, "NodeStageVolume: no volume ID")
+	case staging == "":
+		return nil, statusf(codes.InvalidArgument, "NodeStageVolume %s: no staging target path", id)
+	case req.GetVolumeCapability() == nil:
+		return nil, statusf(codes.InvalidArgument, "NodeStageVolume %s: no volume capability", id)
+	}
+	if err := checkCapabilities([]*csi.VolumeCapability{req.GetVolumeCapability()}); err != nil {
+		return nil, statusf(codes.InvalidArgument, "NodeStageVolume %s: %v", id, err)
+	}
+	defer d.lock(id)()
+	if v := d.node.get(id); v != nil {
+		if v.StagingPath != staging {
+			return nil, statusf(codes.FailedPrecondition, "NodeStageVolume %s: already staged at %s", id, v.StagingPath)
+		}
+		return &csi.NodeStageVolumeResponse{}, nil
+	}
+	m, err := d.meta(id)
+	if err != nil {
+		return nil, err
+	}
+	if int64(d.node.count()) >= d.cfg.MaxVolumes {
+		return nil, statusf(codes.ResourceExhausted, "NodeStageVolume %s: %d volumes staged, the most this node takes", id, d.cfg.MaxVolumes)
+	}
+	backend := req.GetVolumeContext()[ParamAttach]
+	if backend == "" {
+		backend = m.Attach
+	}
+	path := d.pool.imagePath(id)
+	vol, err := d.node.openVolume(path)
+	if err != nil {
+		return nil, statusf(codes.Internal, "NodeStageVolume %s: opening %s: %v", id, path, err)
+	}
+	dev, err := d.node.attacher.Attach(vol, backend)
+	if err != nil {
+		vol.Close()
+		return nil, statusf(codes.Internal, "NodeStageVolume %s: attaching through %s: %v", id, backend, err)
+	}
+	v := &stagedVolume{ID: id, Image: path, Backend: backend, Device: dev.Path(), StagingPath: staging, vol: vol, dev: dev}
+	if err := d.node.put(v); err != nil {
+		dev.Detach()
+		vol.Close()
+		return nil, statusf(codes.Internal, "NodeStageVolume %s: %v", id, err)
+	}
+	klog.InfoS("staged volume", "volume", id, "device", v.Device, "backend", backend)
+	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
+	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	switch {
+	case id == "":
+		return nil, statusf(codes.InvalidArgument, "NodeUnstageVolume: no volume ID")
+	case staging == "":
+		return nil, statusf(codes.InvalidArgument, "NodeUnstageVolume %s: no staging target path", id)
+	}
+	defer d.lock(id)()
+	v := d.node.get(id)
+	if v == nil {
+		return &csi.NodeUnstageVolumeResponse{}, nil
+	}
+	if len(v.Targets) > 0 {
+		return nil, statusf(codes.FailedPrecondition, "NodeUnstageVolume %s: still published at %s", id, strings.Join(v.Targets, ", "))
+	}
+	var err error
+	if v.dev != nil {
+		err = v.dev.Detach()
+	} else {
+		// Never taken back: remove the device the dead plugin left.
+		err = d.node.attacher.Forget(v.Device)
+	}
+	if err != nil {
+		return nil, statusf(codes.Internal, "NodeUnstageVolume %s: detaching %s: %v", id, v.Device, err)
+	}
+	if v.vol != nil {
+		if err := v.vol.Close(); err != nil {
+			return nil, statusf(codes.Internal, "NodeUnstageVolume %s: closing the image: %v", id, err)
+		}
+	}
+	if err := d.node.drop(id); err != nil {
+		return nil, statusf(codes.Internal, "NodeUnstageVolume %s: %v", id, err)
+	}
+	klog.InfoS("unstaged volume", "volume", id, "device", v.Device)
+	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+	id, target := req.GetVolumeId(), req.GetTargetPath()
+	switch {
+	case id == "":
+		return nil, statusf(codes.InvalidArgument, "NodePublishVolume: no volume ID")
+	case target == "":
+		return nil, statusf(codes.InvalidArgument, "NodePublishVolume %s: no target path", id)
+	case req.GetVolumeCapability() == nil:
+		return nil, statusf(codes.InvalidArgument, "NodePublishVolume %s: no volume capability", id)
+	case !filepath.IsAbs(target):
+		return nil, statusf(codes.InvalidArgument, "NodePublishVolume %s: target path %q is not absolute", id, target)
+	}
+	if err := checkCapabilities([]*csi.VolumeCapability{req.GetVolumeCapability()}); err != nil {
+		return nil, statusf(codes.InvalidArgument, "NodePublishVolume %s: %v", id, err)
+	}
+	defer d.lock(id)()
+	v := d.node.get(id)
+	if v == nil {
+		return nil, statusf(codes.FailedPrecondition, "NodePublishVolume %s: the volume is not staged on this node", id)
+	}
+	if v.err != nil {
+		return nil, statusf(codes.FailedPrecondition, "NodePublishVolume %s: the volume is not being served: %v", id, v.err)
+	}
+	if slices.Contains(v.Targets, target) {
+		return &csi.NodePublishVolumeResponse{}, nil
+	}
+	if err := publishDevice(d.node.mounter, v.Device, target, req.GetReadonly()); err != nil {
+		return nil, statusf(codes.Internal, "NodePublishVolume %s: %v", id, err)
+	}
+	v.Targets = append(v.Targets, target)
+	if err := d.node.put(v); err != nil {
+		return nil, statusf(codes.Internal, "NodePublishVolume %s: %v", id, err)
+	}
+	klog.InfoS("published volume", "volume", id, "device", v.Device, "target", target)
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// publishDevice bind-mounts the device node on target, a file it creates
+// (the CO creates the parent directory).
+func publishDevice(m mount.Interface, dev, target string, readOnly bool) error {
+	f, err := os.OpenFile(target, os.O_CREATE|os.O_RDONLY, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating the target file: %w", err)
+	}
+	f.Close()
+	opts := []string{"bind"}
+	if readOnly {
+		opts = append(opts, "ro")
+	}
+	if err := m.Mount(dev, target, "", opts); err != nil {
+		os.Remove(target)
+		return fmt.Errorf("bind-mounting %s on %s: %w", dev, target, err)
+	}
+	return nil
+}
+
+func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+	id, target := req.GetVolumeId(), req.GetTargetPath()
+	switch {
+	case id == "":
+		return nil, statusf(codes.InvalidArgument, "NodeUnpublishVolume: no volume ID")
+	case target == "":
+		return nil, statusf(codes.InvalidArgument, "NodeUnpublishVolume %s: no target path", id)
+	}
+	defer d.lock(id)()
+	// Unmount whatever is there (also after a restart that lost track),
+	// and remove the target file.
+	if err := mount.CleanupMountPoint(target, d.node.mounter, true); err != nil {
+		return nil, statusf(codes.Internal, "NodeUnpublishVolume %s: %v", id, err)
+	}
+	if v := d.node.get(id); v != nil {
+		if i := slices.Index(v.Targets, target); i >= 0 {
+			v.Targets = slices.Delete(v.Targets, i, i+1)
+			if err := d.node.put(v); err != nil {
+				return nil, statusf(codes.Internal, "NodeUnpublishVolume %s: %v", id, err)
+			}
+		}
+	}
+	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
+	id, path := req.GetVolumeId(), req.GetVolumePath()
+	switch {
+	case id == "":
+		return nil, statusf(codes.InvalidArgument, "NodeGetVolumeStats: no volume ID")
+	case path == "":
+		return nil, statusf(codes.InvalidArgument, "NodeGetVolumeStats %s: no volume path", id)
+	}
+	defer d.lock(id)()
+	v := d.node.get(id)
+	if v == nil {
+		return nil, statusf(codes.NotFound, "NodeGetVolumeStats %s: the volume is not staged on this node", id)
+	}
+	if path != v.StagingPath && !slices.Contains(v.Targets, path) {
+		return nil, statusf(codes.NotFound, "NodeGetVolumeStats %s: the volume is not published at %s", id, path)
+	}
+	if _, err := os.Stat(path); err != nil {
+		return nil, statusf(codes.NotFound, "NodeGetVolumeStats %s: %v", id, err)
+	}
+	s := volumeStats(v)
+	resp := &csi.NodeGetVolumeStatsResponse{VolumeCondition: &csi.VolumeCondition{Abnormal: s.err != nil, Message: s.message()}}
+	if s.err == nil {
+		resp.Usage = []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: s.capacity, Used: s.written, Available: s.capacity - s.written}}
+	}
+	return resp, nil
+}
+
+// stats is what NodeGetVolumeStats and the metrics report of a volume.
+type stats struct {
+	capacity, written int64
+	zones             map[zoned.Condition]int // sequential zones by condition
+	err               error
+}
+
+func volumeStats(v *stagedVolume) stats {
+	s := stats{err: v.err}
+	if s.err == nil && v.dev != nil {
+		s.err = v.dev.Err()
+	}
+	if v.vol == nil {
+		return s
+	}
+	if _, err := os.Stat(v.Image); err != nil && s.err == nil {
+		s.err = fmt.Errorf("the backing image: %w", err)
+	}
+	s.capacity = v.vol.Backend.Size()
+	if v.vol.Zones == nil {
+		return s
+	}
+	// Bytes written: the sum of the sequential zones' write pointers (from
+	// their starts), plus the whole conventional zones.
+	g := v.vol.Zones.Geometry()
+	s.zones = map[zoned.Condition]int{}
+	for _, z := range v.vol.Zones.Report(0, g.NumZones()) {
+		if z.Type == zoned.Conventional {
+			s.written += z.Length
+			continue
+		}
+		s.written += z.WritePointer - z.Start
+		s.zones[z.Cond]++
+	}
+	return s
+}
+
+func (s stats) message() string {
+	if s.err != nil {
+		return s.err.Error()
+	}
+	if s.zones == nil {
+		return "healthy"
+	}
+	var parts []string
+	for _, c := range []zoned.Condition{zoned.Empty, zoned.ImplicitOpen, zoned.ExplicitOpen, zoned.Closed, zoned.Full} {
+		parts = append(parts, fmt.Sprintf("%s %d", c, s.zones[c]))
+	}
+	return "healthy; sequential zones: " + strings.Join(parts, ", ")
+}

@@ -1,0 +1,173 @@
+package driver
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"math"
+	"slices"
+	"strings"
+
+	"github.com/zq-csi/zq-csi/volume"
+	"github.com/zq-csi/zq-csi/zoned"
+)
+
+// Attach modes.
+const (
+	AttachUBLK = "ublk"
+	AttachNBD  = "nbd"
+)
+
+// Parameter keys of a StorageClass besides the image options.
+const (
+	// ParamAttach chooses the attach frontend: AttachUBLK or AttachNBD.
+	ParamAttach = "attach"
+	// paramIgnoredPrefix starts the keys external-provisioner adds
+	// (csi.storage.k8s.io/pvc/name, ...): not ours, ignored.
+	paramIgnoredPrefix = "csi.storage.k8s.io/"
+	// paramSize is an image option that a StorageClass may not set: the
+	// size comes from each claim's capacity request.
+	paramSize = "size"
+)
+
+// DefaultVolumeSize is the size of a volume whose capacity range asks for
+// none (required 0), before rounding up to whole zones.
+const DefaultVolumeSize = 1 << 30
+
+// Errors of ParseParameters and VolumeParams.Size, for the controller to map
+// to gRPC codes: ErrInvalidParameter to InvalidArgument, ErrOutOfRange to
+// OutOfRange. The messages name the parameter key and the rule.
+var (
+	ErrInvalidParameter = errors.New("invalid StorageClass parameter")
+	ErrOutOfRange       = errors.New("capacity range cannot be met")
+)
+
+// VolumeParams is what a StorageClass's parameters ask for.
+type VolumeParams struct {
+	Spec   volume.CreateSpec // image options and zone.* keys, as `zq-csi image create -o` takes them
+	Attach string            // AttachUBLK (default) or AttachNBD
+}
+
+// ParseParameters parses CreateVolume parameters. Keys are qemu-img's option
+// names, as `zq-csi image create -o` takes them (cluster_size, zone.size,
+// zone.capacity, zone.conventional_zones, zone.max_open_zones,
+// zone.max_active_zones, zone.max_append_bytes, zone.mode, and the other
+// qcow2 options: preallocation, lazy_refcounts, refcount_bits, ...) plus
+// "attach"; "size" is refused (it comes from the capacity range). zone.mode
+// defaults to host-managed (this driver provides zoned volumes; any other
+// value is refused). Keys beginning with "csi.storage.k8s.io/" (added by
+// external-provisioner) are ignored. Unknown keys, bad values and refused
+// options are errors wrapping ErrInvalidParameter and naming the key; the
+// keys are parsed in sorted order, so the error is the same every time.
+// The zone geometry is checked as far as it does not depend on the volume
+// size (zone.size, zone.capacity, zone.max_append_bytes); Size checks the
+// rest.
+func ParseParameters(params map[string]string) (VolumeParams, error) {
+	p := VolumeParams{Attach: AttachUBLK}
+	for _, k := range slices.Sorted(maps.Keys(params)) {
+		v := params[k]
+		switch {
+		case strings.HasPrefix(k, paramIgnoredPrefix):
+		case k == ParamAttach:
+			if v != AttachUBLK && v != AttachNBD {
+				return VolumeParams{}, fmt.Errorf("%w: %s=%q: must be %s or %s", ErrInvalidParameter, k, v, AttachUBLK, AttachNBD)
+			}
+			p.Attach = v
+		case k == paramSize:
+			return VolumeParams{}, fmt.Errorf("%w: %s: not a StorageClass parameter: the size comes from the claim's capacity request",
+				ErrInvalidParameter, k)
+		default:
+			if err := p.Spec.Set(k, v); err != nil {
+				return VolumeParams{}, fmt.Errorf("%w: %w", ErrInvalidParameter, err)
+			}
+		}
+	}
+	if !p.Spec.Given("zone.mode") {
+		if err := p.Spec.Set("zone.mode", volume.ZoneModeHostManaged); err != nil {
+			return VolumeParams{}, fmt.Errorf("%w: %w", ErrInvalidParameter, err)
+		}
+	}
+	if _, err := p.zones(); err != nil {
+		return VolumeParams{}, err
+	}
+	return p, nil
+}
+
+// zones is the geometry the parameters ask for, without a size, with its
+// size-independent rules checked: zone.size a power of two of at least 512
+// bytes, zone.capacity and zone.max_append_bytes fitting it.
+func (p VolumeParams) zones() (zoned.Geometry, error) {
+	g, err := p.Spec.Geometry()
+	if err != nil {
+		return zoned.Geometry{}, fmt.Errorf("%w: %w", ErrInvalidParameter, err)
+	}
+	if g == nil {
+		return zoned.Geometry{}, fmt.Errorf("%w: zone.mode: must be %s", ErrInvalidParameter, volume.ZoneModeHostManaged)
+	}
+	// One sector of one zone, no conventional zone, no limits: Normalize
+	// checks exactly the rules that hold for any volume size.
+	probe := zoned.Geometry{Size: zoned.SectorSize, ZoneSize: g.ZoneSize, ZoneCapacity: g.ZoneCapacity, MaxAppendBytes: g.MaxAppendBytes}
+	if _, _, err := probe.Normalize(); err != nil {
+		return zoned.Geometry{}, fmt.Errorf("%w: %w", ErrInvalidParameter, err)
+	}
+	if g.MaxOpenZones > 0 && g.MaxActiveZones > 0 && g.MaxOpenZones > g.MaxActiveZones {
+		return zoned.Geometry{}, fmt.Errorf("%w: zone.max_open_zones %d > zone.max_active_zones %d: open zones are active zones",
+			ErrInvalidParameter, g.MaxOpenZones, g.MaxActiveZones)
+	}
+	return *g, nil
+}
+
+// Size returns the image size for a CreateVolume (or ControllerExpandVolume)
+// capacity range, and the zone geometry the image gets at that size:
+//
+//   - required > 0: required rounded up to whole zones;
+//   - required 0: DefaultVolumeSize (1 GiB) rounded up to whole zones, or,
+//     when that is above limit, limit rounded down to whole zones;
+//   - at most limit (0 = no limit).
+//
+// The geometry is validated for that size with zoned.Geometry.Normalize:
+// zone.conventional_zones must leave a sequential zone (ErrInvalidParameter).
+// Open and active limits above what the volume's zones can reach are
+// clamped to them, as Linux reads them: one StorageClass serves claims of
+// any size, and a limit of 8 active zones means nothing more on a volume of
+// 4. (A max_open_zones above max_active_zones is a contradiction whatever
+// the size, refused by ParseParameters.) A negative range, required above
+// limit, or a range that holds no whole number of zones wraps
+// ErrOutOfRange. The image is created with Spec.Options() (its Size set to
+// size) and the returned geometry.
+func (p VolumeParams) Size(required, limit int64) (size int64, g zoned.Geometry, err error) {
+	g, err = p.zones()
+	if err != nil {
+		return 0, zoned.Geometry{}, err
+	}
+	z := g.ZoneSize
+	switch {
+	case required < 0 || limit < 0:
+		return 0, zoned.Geometry{}, fmt.Errorf("%w: required %d bytes, limit %d bytes: must not be negative", ErrOutOfRange, required, limit)
+	case limit > 0 && required > limit:
+		return 0, zoned.Geometry{}, fmt.Errorf("%w: required %d bytes > limit %d bytes", ErrOutOfRange, required, limit)
+	case required > math.MaxInt64-(z-1):
+		return 0, zoned.Geometry{}, fmt.Errorf("%w: required %d bytes: too large to round up to whole zones of zone.size %d",
+			ErrOutOfRange, required, z)
+	case required > 0:
+		size = (required + z - 1) / z * z
+		if limit > 0 && size > limit {
+			return 0, zoned.Geometry{}, fmt.Errorf("%w: required %d bytes is %d in whole zones of zone.size %d, above the limit %d bytes",
+				ErrOutOfRange, required, size, z, limit)
+		}
+	default:
+		size = (DefaultVolumeSize + z - 1) / z * z
+		if limit > 0 && size > limit {
+			size = limit / z * z
+		}
+		if size == 0 {
+			return 0, zoned.Geometry{}, fmt.Errorf("%w: limit %d bytes is less than one zone (zone.size %d)", ErrOutOfRange, limit, z)
+		}
+	}
+	g.Size = size
+	norm, _, err := g.Normalize()
+	if err != nil {
+		return 0, zoned.Geometry{}, fmt.Errorf("%w: a volume of %d bytes: %w", ErrInvalidParameter, size, err)
+	}
+	return size, norm, nil
+}
