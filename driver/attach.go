@@ -20,13 +20,19 @@ import (
 type Attacher interface {
 	// Attach serves v through backend (AttachUBLK or AttachNBD).
 	Attach(v *volume.Volume, backend string) (Device, error)
-	// Recover takes back device (a path Attach returned) whose server,
-	// an earlier plugin process, died.
+	// Recover takes back device (a path Attach returned, or "" when the
+	// attach was interrupted before its path was recorded) whose server,
+	// an earlier plugin process, died, serving v's image. ErrGone: there
+	// is no such device (any more).
 	Recover(v *volume.Volume, backend, device string) (Device, error)
 	// Forget removes device, whose server died and could not be taken
-	// back; the I/O it held fails.
-	Forget(device string) error
+	// back, if it still serves image; the I/O it held fails.
+	Forget(device, image string) error
 }
+
+// ErrGone: the device a volume record names does not exist (the node
+// rebooted, or an attach was interrupted before the device was made).
+var ErrGone = errors.New("device gone")
 
 // Device is a volume attached to the kernel.
 type Device interface {
@@ -53,7 +59,8 @@ func control() (*ublk.Control, error) {
 }
 
 func ublkOptions(v *volume.Volume) ublk.Options {
-	return ublk.Options{Zones: v.Zones, Logf: func(f string, a ...any) { klog.InfoS(fmt.Sprintf(f, a...)) }}
+	return ublk.Options{Zones: v.Zones, Tag: ublk.ImageTag(v.Path),
+		Logf: func(f string, a ...any) { klog.InfoS(fmt.Sprintf(f, a...)) }}
 }
 
 func nbdOptions(v *volume.Volume) nbdattach.Options {
@@ -90,16 +97,27 @@ func (kernelAttacher) Attach(v *volume.Volume, backend string) (Device, error) {
 
 func (kernelAttacher) Recover(v *volume.Volume, backend, device string) (Device, error) {
 	switch {
-	case strings.HasPrefix(device, "/dev/ublkb"):
-		id, err := ublk.ParseDevice(device)
-		if err != nil {
-			return nil, err
-		}
+	case backend != AttachNBD && device == "", strings.HasPrefix(device, "/dev/ublkb"):
 		c, err := control()
 		if err != nil {
 			return nil, err
 		}
-		d, err := ublk.Recover(c, id, v.Backend, ublkOptions(v), 30*time.Second)
+		opts := ublkOptions(v)
+		var id uint32
+		if device == "" {
+			found := false
+			if id, found, err = ublk.FindByTag(c, opts.Tag); err != nil {
+				return nil, err
+			} else if !found {
+				return nil, ErrGone
+			}
+		} else if id, err = ublk.ParseDevice(device); err != nil {
+			return nil, err
+		}
+		d, err := ublk.Recover(c, id, v.Backend, opts, 30*time.Second)
+		if errors.Is(err, unix.ENODEV) {
+			return nil, fmt.Errorf("%s: %w", device, ErrGone)
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -116,11 +134,15 @@ func (kernelAttacher) Recover(v *volume.Volume, backend, device string) (Device,
 			return nil, err
 		}
 		return nbdDevice{d}, nil
+	case device == "":
+		// An nbd attach interrupted before its device was recorded: the
+		// kernel fails its I/O after the dead-connection timeout.
+		return nil, ErrGone
 	}
 	return nil, fmt.Errorf("recover %q: not a ublk or nbd device", device)
 }
 
-func (kernelAttacher) Forget(device string) error {
+func (kernelAttacher) Forget(device, image string) error {
 	if strings.HasPrefix(device, "/dev/ublkb") {
 		id, err := ublk.ParseDevice(device)
 		if err != nil {
@@ -130,11 +152,25 @@ func (kernelAttacher) Forget(device string) error {
 		if err != nil {
 			return err
 		}
+		info, err := c.DeviceInfo(id)
+		if errors.Is(err, unix.ENODEV) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if info.Tag != ublk.ImageTag(image) {
+			// The number went to another volume's device since.
+			return nil
+		}
 		err = ublk.Detach(c, id, 5*time.Second)
 		if errors.Is(err, unix.ENODEV) {
 			return nil
 		}
 		return err
+	}
+	if device == "" {
+		return nil
 	}
 	index, err := nbdattach.ParseDevice(device)
 	if err != nil {
@@ -155,14 +191,10 @@ func (u ublkDevice) Err() error {
 }
 
 func (u ublkDevice) Detach() error {
-	err := u.Stop()
-	if cerr := u.Close(); err == nil {
-		err = cerr
+	if err := u.Stop(); err != nil && !errors.Is(err, unix.ENODEV) {
+		return err
 	}
-	if errors.Is(err, unix.ENODEV) {
-		return nil
-	}
-	return err
+	return u.Close()
 }
 
 type nbdDevice struct{ *nbdattach.Device }

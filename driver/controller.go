@@ -104,7 +104,11 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	m, err := d.pool.lookup(id)
 	switch {
 	case err == nil:
-		if m.Name != name || m.Size != size || !maps.Equal(m.Parameters, req.GetParameters()) {
+		// The same volume if the parameters are and its size meets the
+		// range (a retry, also after an expansion).
+		r := req.GetCapacityRange()
+		fits := m.Size >= r.GetRequiredBytes() && (r.GetLimitBytes() == 0 || m.Size <= r.GetLimitBytes())
+		if m.Name != name || !fits || !maps.Equal(m.Parameters, req.GetParameters()) {
 			return nil, statusf(codes.AlreadyExists, "CreateVolume %s: a volume of that name exists with size %d and other parameters (%v)", name, m.Size, m.Parameters)
 		}
 		return &csi.CreateVolumeResponse{Volume: d.csiVolume(m)}, nil

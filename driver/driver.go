@@ -177,15 +177,20 @@ func (d *Driver) Serve(ctx context.Context, l net.Listener) error {
 	if d.node != nil {
 		csi.RegisterNodeServer(s, d)
 	}
+	stopped := make(chan struct{})
 	go func() {
 		<-ctx.Done()
 		s.GracefulStop()
+		close(stopped)
 	}()
 	klog.InfoS("serving CSI", "driver", d.cfg.Name, "version", d.cfg.Version, "mode", d.cfg.Mode,
 		"node", d.cfg.NodeID, "endpoint", l.Addr().String(), "pool", d.cfg.Pool)
 	err := s.Serve(l)
+	if err == nil {
+		<-stopped // the calls in flight end first
+	}
 	if d.node != nil {
-		d.node.flushAll()
+		d.flushAll()
 	}
 	return err
 }

@@ -61,10 +61,13 @@ func (a *fakeAttacher) Recover(v *volume.Volume, backend, device string) (Device
 	if a.recoverErr != nil {
 		return nil, a.recoverErr
 	}
+	if device == "" {
+		return nil, ErrGone
+	}
 	return &fakeDevice{path: device}, nil
 }
 
-func (a *fakeAttacher) Forget(device string) error {
+func (a *fakeAttacher) Forget(device, image string) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.forgotten = append(a.forgotten, device)
@@ -329,27 +332,93 @@ func TestNodeLifecycle(t *testing.T) {
 	}
 }
 
-// Concurrent calls on one volume are serialized: sixteen stages attach once.
-func TestConcurrentStagesAttachOnce(t *testing.T) {
+// Concurrent identical calls on one volume are serialized: each RPC of
+// the lifecycle, sent eight times at once, succeeds every time and acts
+// once (one image, one attach, one mount, one detach).
+func TestConcurrentIdenticalCallsActOnce(t *testing.T) {
 	e := newTestDriver(t)
-	v := e.create(t, "pvc-c", 8<<20)
-	staging := t.TempDir()
-	var wg sync.WaitGroup
-	errs := make(chan error, 16)
-	for range 16 {
-		wg.Go(func() {
-			if _, err := e.d.NodeStageVolume(context.Background(), stageReq(v.VolumeId, staging)); err != nil {
-				errs <- err
+	ctx := context.Background()
+	staging, target := t.TempDir(), filepath.Join(t.TempDir(), "target")
+	const id = "pvc-c"
+	calls := []struct {
+		name  string
+		call  func() error
+		check func() error
+	}{
+		{"CreateVolume", func() error {
+			_, err := e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: id, Parameters: zoneParams,
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 8 << 20}, VolumeCapabilities: []*csi.VolumeCapability{blockCap}})
+			return err
+		}, func() error {
+			if ids, _ := e.d.pool.list(); len(ids) != 1 {
+				return fmt.Errorf("volumes %v", ids)
 			}
-		})
+			return nil
+		}},
+		{"NodeStageVolume", func() error {
+			_, err := e.d.NodeStageVolume(ctx, stageReq(id, staging))
+			return err
+		}, func() error {
+			if e.attacher.attaches != 1 {
+				return fmt.Errorf("%d attaches", e.attacher.attaches)
+			}
+			return nil
+		}},
+		{"NodePublishVolume", func() error {
+			_, err := e.d.NodePublishVolume(ctx, publishReq(id, staging, target))
+			return err
+		}, func() error {
+			if mps, _ := e.mounter.List(); len(mps) != 1 {
+				return fmt.Errorf("mounts %+v", mps)
+			}
+			return nil
+		}},
+		{"NodeUnpublishVolume", func() error {
+			_, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target})
+			return err
+		}, func() error {
+			if mps, _ := e.mounter.List(); len(mps) != 0 {
+				return fmt.Errorf("mounts %+v", mps)
+			}
+			return nil
+		}},
+		{"NodeUnstageVolume", func() error {
+			_, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+			return err
+		}, func() error {
+			if e.d.node.staged(id) {
+				return fmt.Errorf("still staged")
+			}
+			return nil
+		}},
+		{"DeleteVolume", func() error {
+			_, err := e.d.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id})
+			return err
+		}, func() error {
+			if ids, _ := e.d.pool.list(); len(ids) != 0 {
+				return fmt.Errorf("volumes %v", ids)
+			}
+			return nil
+		}},
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Fatal(err)
-	}
-	if e.attacher.attaches != 1 {
-		t.Fatalf("%d attaches", e.attacher.attaches)
+	for _, c := range calls {
+		var wg sync.WaitGroup
+		errs := make(chan error, 8)
+		for range 8 {
+			wg.Go(func() {
+				if err := c.call(); err != nil {
+					errs <- err
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if err := c.check(); err != nil {
+			t.Fatalf("after 8 concurrent %s: %v", c.name, err)
+		}
 	}
 }
 
@@ -388,23 +457,95 @@ func TestRestartTakesBackStagedVolumes(t *testing.T) {
 		t.Fatalf("stats after the restart: %+v, %v", st, err)
 	}
 
-	// Now one whose device is gone.
+	// Now one whose device cannot be taken back.
 	for _, v := range []*csi.Volume{a, b} {
 		e.d.node.get(v.VolumeId).vol.Img.Close()
 	}
-	e.attacher.recoverErr = fmt.Errorf("no such device")
+	e.attacher.recoverErr = fmt.Errorf("no such luck")
 	e.restart(t)
 	st, err = e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: b.VolumeId, VolumePath: staging})
-	if err != nil || !st.VolumeCondition.Abnormal || !strings.Contains(st.VolumeCondition.Message, "no such device") {
+	if err != nil || !st.VolumeCondition.Abnormal || !strings.Contains(st.VolumeCondition.Message, "no such luck") {
 		t.Fatalf("stats of a volume not taken back: %+v, %v", st, err)
 	}
 	_, err = e.d.NodePublishVolume(ctx, publishReq(b.VolumeId, staging, filepath.Join(t.TempDir(), "t2")))
 	wantCode(t, err, codes.FailedPrecondition, "not being served")
+	// A stage tries again, and says why it still cannot.
+	_, err = e.d.NodeStageVolume(ctx, stageReq(b.VolumeId, staging))
+	wantCode(t, err, codes.Unavailable, "no such luck")
 	if _, err := e.d.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: b.VolumeId, StagingTargetPath: staging}); err != nil {
 		t.Fatal(err)
 	}
 	if len(e.attacher.forgotten) != 1 || e.attacher.forgotten[0] != devB {
 		t.Fatalf("forgotten %v, want %s", e.attacher.forgotten, devB)
+	}
+
+	// A device that is gone (the node rebooted): the record is dropped, and
+	// the next stage attaches anew.
+	if _, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: a.VolumeId, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	e.attacher.recoverErr = ErrGone
+	e.restart(t)
+	if e.d.node.staged(a.VolumeId) {
+		t.Fatal("the record of a volume whose device is gone was kept")
+	}
+	before := e.attacher.attaches
+	if _, err := e.d.NodeStageVolume(ctx, stageReq(a.VolumeId, staging)); err != nil || e.attacher.attaches != before+1 {
+		t.Fatalf("stage after the device was gone: %v, %d attaches", err, e.attacher.attaches-before)
+	}
+}
+
+// An attach interrupted by the plugin's death leaves a record without a
+// device: the next plugin looks for the device by the image, and drops the
+// record when there is none.
+func TestInterruptedStageIsFoundOrForgotten(t *testing.T) {
+	e := newTestDriver(t)
+	v := e.create(t, "pvc-i", 8<<20)
+	rec := &stagedVolume{ID: v.VolumeId, Image: e.d.pool.imagePath(v.VolumeId), Backend: AttachUBLK, StagingPath: t.TempDir()}
+	if err := writeJSON(e.d.node.recordPath(v.VolumeId), rec); err != nil {
+		t.Fatal(err)
+	}
+	e.restart(t)
+	if len(e.attacher.recovered) != 1 || e.attacher.recovered[0] != "" {
+		t.Fatalf("recovered %q, want one look-up by image", e.attacher.recovered)
+	}
+	if e.d.node.staged(v.VolumeId) {
+		t.Fatal("a record without a device was kept")
+	}
+	if _, err := os.Stat(e.d.node.recordPath(v.VolumeId)); !os.IsNotExist(err) {
+		t.Fatalf("record file: %v", err)
+	}
+}
+
+// Publishing never follows a symlink at the target, and a failed publish
+// removes only what it created.
+func TestPublishRefusesASymlinkTarget(t *testing.T) {
+	e := newTestDriver(t)
+	ctx := context.Background()
+	v := e.create(t, "pvc-s", 8<<20)
+	staging := t.TempDir()
+	if _, err := e.d.NodeStageVolume(ctx, stageReq(v.VolumeId, staging)); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	victim := filepath.Join(dir, "victim")
+	if err := os.WriteFile(victim, []byte("keep"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(dir, "target")
+	if err := os.Symlink(victim, target); err != nil {
+		t.Fatal(err)
+	}
+	_, err := e.d.NodePublishVolume(ctx, publishReq(v.VolumeId, staging, target))
+	wantCode(t, err, codes.Internal, "not a plain file")
+	if mps, _ := e.mounter.List(); len(mps) != 0 {
+		t.Fatalf("mounted %+v", mps)
+	}
+	if b, err := os.ReadFile(victim); err != nil || string(b) != "keep" {
+		t.Fatalf("the symlink's target: %q, %v", b, err)
+	}
+	if _, err := os.Lstat(target); err != nil {
+		t.Fatalf("the symlink was removed: %v", err)
 	}
 }
 

@@ -43,7 +43,9 @@ func (d *Driver) writeMetrics(w io.Writer) {
 
 	all := make([]stats, len(vols))
 	for i, v := range vols {
+		unlock := d.lock(v.ID) // not while a stage or unstage changes it
 		all[i] = volumeStats(v)
+		unlock()
 	}
 	metric("zq_csi_volumes_staged", "gauge", "Volumes staged on this node.")
 	fmt.Fprintf(w, "zq_csi_volumes_staged %d\n", len(vols))
@@ -69,9 +71,11 @@ func (d *Driver) writeMetrics(w io.Writer) {
 	}
 	ublkStats := map[string]ublk.Stats{}
 	for _, v := range vols {
+		unlock := d.lock(v.ID)
 		if u, ok := v.dev.(ublkDevice); ok {
 			ublkStats[v.ID] = u.Stats()
 		}
+		unlock()
 	}
 	metric("zq_csi_ublk_requests_total", "counter", "Requests a ublk device served, by kind.")
 	for _, v := range vols {

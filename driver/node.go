@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -81,13 +83,18 @@ func (n *nodeState) put(v *stagedVolume) error {
 	return nil
 }
 
+// drop forgets a volume: its record first, so that a failure leaves it
+// known (and the unstage can be retried).
 func (n *nodeState) drop(id string) error {
-	n.mu.Lock()
-	delete(n.volumes, id)
-	n.mu.Unlock()
 	if err := os.Remove(n.recordPath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
+	if err := syncDir(n.dir); err != nil {
+		return err
+	}
+	n.mu.Lock()
+	delete(n.volumes, id)
+	n.mu.Unlock()
 	return nil
 }
 
@@ -106,28 +113,32 @@ func (n *nodeState) openVolume(path string) (*volume.Volume, error) {
 
 // flushAll makes every served image durable (the plugin is exiting; its
 // devices stay, for the next plugin to take back).
-func (n *nodeState) flushAll() {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	for _, v := range n.volumes {
-		if v.vol == nil {
-			continue
+func (d *Driver) flushAll() {
+	d.node.mu.Lock()
+	ids := slices.Sorted(maps.Keys(d.node.volumes))
+	d.node.mu.Unlock()
+	for _, id := range ids {
+		unlock := d.lock(id)
+		if v := d.node.get(id); v != nil && v.vol != nil {
+			var err error
+			if v.vol.Zones != nil {
+				err = v.vol.Zones.Flush()
+			} else {
+				err = v.vol.Img.Flush()
+			}
+			if err != nil {
+				klog.ErrorS(err, "flushing a volume at exit", "volume", id)
+			}
 		}
-		var err error
-		if v.vol.Zones != nil {
-			err = v.vol.Zones.Flush()
-		} else {
-			err = v.vol.Img.Flush()
-		}
-		if err != nil {
-			klog.ErrorS(err, "flushing a volume at exit", "volume", v.ID)
-		}
+		unlock()
 	}
 }
 
 // readopt takes back the volumes a previous plugin process staged: their
 // devices wait for a server (ublk user recovery, nbd dead-connection
-// timeout), and the pods using them must not see an error.
+// timeout), and the pods using them must not see an error. A record whose
+// device is gone (the node rebooted) is dropped: the next NodeStageVolume
+// attaches the volume anew.
 func (d *Driver) readopt() {
 	entries, err := os.ReadDir(d.node.dir)
 	if err != nil {
@@ -139,28 +150,51 @@ func (d *Driver) readopt() {
 		if !ok || checkID(id) != nil {
 			continue
 		}
-		var v stagedVolume
-		if err := readJSON(d.node.recordPath(id), &v); err != nil {
+		v := &stagedVolume{}
+		if err := readJSON(d.node.recordPath(id), v); err != nil {
 			klog.ErrorS(err, "unreadable volume record", "volume", id)
 			continue
 		}
-		v.vol, v.err = d.node.openVolume(v.Image)
-		if v.err == nil {
-			v.dev, v.err = d.node.attacher.Recover(v.vol, v.Backend, v.Device)
-			if v.err != nil {
-				v.vol.Close()
-				v.vol = nil
+		d.node.mu.Lock()
+		d.node.volumes[id] = v
+		d.node.mu.Unlock()
+		switch err := d.takeBack(v); {
+		case errors.Is(err, ErrGone):
+			klog.InfoS("a staged volume's device is gone; forgetting the record", "volume", id, "device", v.Device)
+			if err := d.node.drop(id); err != nil {
+				klog.ErrorS(err, "dropping the record", "volume", id)
 			}
-		}
-		if v.err != nil {
-			klog.ErrorS(v.err, "could not take back a staged volume; it stays abnormal until unstaged", "volume", id, "device", v.Device)
-		} else {
+		case err != nil:
+			klog.ErrorS(err, "could not take back a staged volume; it stays abnormal until staged again or unstaged", "volume", id, "device", v.Device)
+		default:
 			klog.InfoS("took back a staged volume", "volume", id, "device", v.Device)
 		}
-		d.node.mu.Lock()
-		d.node.volumes[id] = &v
-		d.node.mu.Unlock()
 	}
+}
+
+// takeBack opens a recorded volume's image (replaying its journal) and
+// takes its device back; on failure v.err says why.
+func (d *Driver) takeBack(v *stagedVolume) error {
+	if v.vol == nil {
+		if v.vol, v.err = d.node.openVolume(v.Image); v.err != nil {
+			v.vol = nil
+			return v.err
+		}
+	}
+	dev, err := d.node.attacher.Recover(v.vol, v.Backend, v.Device)
+	if err != nil {
+		v.vol.Close()
+		v.vol, v.err = nil, err
+		return err
+	}
+	v.dev, v.err = dev, nil
+	if v.Device != dev.Path() {
+		v.Device = dev.Path()
+		if err := d.node.put(v); err != nil {
+			klog.ErrorS(err, "updating the volume record", "volume", v.ID)
+		}
+	}
+	return nil
 }
 
 func (d *Driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
@@ -200,7 +234,20 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		if v.StagingPath != staging {
 			return nil, statusf(codes.FailedPrecondition, "NodeStageVolume %s: already staged at %s", id, v.StagingPath)
 		}
-		return &csi.NodeStageVolumeResponse{}, nil
+		if v.err == nil {
+			return &csi.NodeStageVolumeResponse{}, nil
+		}
+		// A restart could not take it back: try again.
+		switch err := d.takeBack(v); {
+		case err == nil:
+			klog.InfoS("took back a staged volume", "volume", id, "device", v.Device)
+			return &csi.NodeStageVolumeResponse{}, nil
+		case !errors.Is(err, ErrGone):
+			return nil, statusf(codes.Unavailable, "NodeStageVolume %s: the volume's device %s is not served and could not be taken back: %v", id, v.Device, err)
+		}
+		if err := d.node.drop(id); err != nil {
+			return nil, statusf(codes.Internal, "NodeStageVolume %s: %v", id, err)
+		}
 	}
 	m, err := d.meta(id)
 	if err != nil {
@@ -218,12 +265,20 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, statusf(codes.Internal, "NodeStageVolume %s: opening %s: %v", id, path, err)
 	}
+	// The record comes first, without a device: if the plugin dies during
+	// the attach, the next one finds the device by the image's tag.
+	v := &stagedVolume{ID: id, Image: path, Backend: backend, StagingPath: staging}
+	if err := writeJSON(d.node.recordPath(id), v); err != nil {
+		vol.Close()
+		return nil, statusf(codes.Internal, "NodeStageVolume %s: %v", id, err)
+	}
 	dev, err := d.node.attacher.Attach(vol, backend)
 	if err != nil {
 		vol.Close()
+		d.node.drop(id)
 		return nil, statusf(codes.Internal, "NodeStageVolume %s: attaching through %s: %v", id, backend, err)
 	}
-	v := &stagedVolume{ID: id, Image: path, Backend: backend, Device: dev.Path(), StagingPath: staging, vol: vol, dev: dev}
+	v.Device, v.vol, v.dev = dev.Path(), vol, dev
 	if err := d.node.put(v); err != nil {
 		dev.Detach()
 		vol.Close()
@@ -249,20 +304,24 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	if len(v.Targets) > 0 {
 		return nil, statusf(codes.FailedPrecondition, "NodeUnstageVolume %s: still published at %s", id, strings.Join(v.Targets, ", "))
 	}
+	// Each step is undone once, so that a retry after a failure goes on
+	// from where this one stopped.
 	var err error
 	if v.dev != nil {
 		err = v.dev.Detach()
 	} else {
 		// Never taken back: remove the device the dead plugin left.
-		err = d.node.attacher.Forget(v.Device)
+		err = d.node.attacher.Forget(v.Device, v.Image)
 	}
 	if err != nil {
 		return nil, statusf(codes.Internal, "NodeUnstageVolume %s: detaching %s: %v", id, v.Device, err)
 	}
+	v.dev = nil
 	if v.vol != nil {
 		if err := v.vol.Close(); err != nil {
 			return nil, statusf(codes.Internal, "NodeUnstageVolume %s: closing the image: %v", id, err)
 		}
+		v.vol = nil
 	}
 	if err := d.node.drop(id); err != nil {
 		return nil, statusf(codes.Internal, "NodeUnstageVolume %s: %v", id, err)
@@ -309,19 +368,32 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 }
 
 // publishDevice bind-mounts the device node on target, a file it creates
-// (the CO creates the parent directory).
+// (the CO creates the parent directory). It never follows a symlink at the
+// target, and removes on failure only a file it created.
 func publishDevice(m mount.Interface, dev, target string, readOnly bool) error {
-	f, err := os.OpenFile(target, os.O_CREATE|os.O_RDONLY, 0o600)
+	created := true
+	f, err := os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_RDONLY|syscall.O_NOFOLLOW, 0o600)
+	if errors.Is(err, os.ErrExist) {
+		// Left by an earlier, interrupted publish: only a plain file will do.
+		fi, lerr := os.Lstat(target)
+		if lerr != nil || !fi.Mode().IsRegular() {
+			return fmt.Errorf("target %s exists and is not a plain file", target)
+		}
+		created, err = false, nil
+	} else if err == nil {
+		f.Close()
+	}
 	if err != nil {
 		return fmt.Errorf("creating the target file: %w", err)
 	}
-	f.Close()
 	opts := []string{"bind"}
 	if readOnly {
 		opts = append(opts, "ro")
 	}
 	if err := m.Mount(dev, target, "", opts); err != nil {
-		os.Remove(target)
+		if created {
+			os.Remove(target)
+		}
 		return fmt.Errorf("bind-mounting %s on %s: %w", dev, target, err)
 	}
 	return nil

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"sync"
 	"unsafe"
 
@@ -21,6 +20,10 @@ type Control struct {
 	mu   sync.Mutex
 	f    *os.File
 	ring *ring
+	// mem holds a command's buffer while the kernel has its address: the
+	// kernel runs control commands in a worker thread, after the submit,
+	// and a Go buffer could be on a goroutine stack, which moves.
+	mem []byte
 }
 
 // OpenControl opens the control device. The error says what is missing
@@ -40,7 +43,13 @@ func openControl(path string) (*Control, error) {
 		f.Close()
 		return nil, err
 	}
-	return &Control{f: f, ring: r}, nil
+	mem, err := unix.Mmap(-1, 0, os.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		r.close()
+		f.Close()
+		return nil, fmt.Errorf("ublk control buffer: %w", err)
+	}
+	return &Control{f: f, ring: r, mem: mem}, nil
 }
 
 // Close releases the control device.
@@ -48,6 +57,7 @@ func (c *Control) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.ring.close()
+	unix.Munmap(c.mem)
 	return c.f.Close()
 }
 
@@ -72,20 +82,25 @@ func (c *Control) do(nr uint32, read bool, cmd ctrlCmd) (int32, error) {
 	le.PutUint32(a[0:], cmd.devID)
 	le.PutUint16(a[4:], cmd.queueID)
 	if len(cmd.buf) > 0 {
+		copy(c.mem, cmd.buf)
 		le.PutUint16(a[6:], uint16(len(cmd.buf)))
-		le.PutUint64(a[8:], uint64(uintptr(unsafe.Pointer(&cmd.buf[0]))))
+		le.PutUint64(a[8:], uint64(uintptr(unsafe.Pointer(&c.mem[0]))))
 	}
 	le.PutUint64(a[16:], cmd.data)
+	// Wait for this command's completion itself: io_uring_enter returns
+	// once the entry is submitted if a signal cuts its wait short.
 	var res int32
-	err = c.ring.submit(1)
-	if err == nil {
-		c.ring.reap(func(c cqe) { res = c.res })
+	for got := false; !got; {
+		if err := c.ring.submit(1); err != nil {
+			return 0, err
+		}
+		c.ring.reap(func(e cqe) {
+			if e.userData == uint64(nr) {
+				res, got = e.res, true
+			}
+		})
 	}
-	// The kernel read and wrote cmd.buf through a raw address.
-	runtime.KeepAlive(cmd.buf)
-	if err != nil {
-		return 0, err
-	}
+	copy(cmd.buf, c.mem)
 	if res < 0 {
 		return res, unix.Errno(-res)
 	}

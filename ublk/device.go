@@ -3,7 +3,9 @@ package ublk
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -43,6 +45,11 @@ type Options struct {
 	// LogicalBlockSize is 512 or 4096 (default 512 for a zoned device,
 	// else 4096 when the size is a multiple of it).
 	LogicalBlockSize int
+	// Tag identifies what the device serves (see ImageTag); the kernel
+	// keeps it with the device, and Recover refuses a device whose tag is
+	// not the one given, so that a stale record never puts one image
+	// under another's device. 0: no check.
+	Tag uint64
 	// Logf, if set, receives the device's notable events.
 	Logf func(format string, args ...any)
 }
@@ -96,6 +103,40 @@ func ParseDevice(path string) (uint32, error) {
 		return 0, fmt.Errorf("%q is not a ublk device (/dev/ublkbN)", path)
 	}
 	return n, nil
+}
+
+// ImageTag is the Tag of a device serving the image at path: a hash of its
+// absolute path, never 0.
+func ImageTag(path string) uint64 {
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
+	h := fnv.New64a()
+	h.Write([]byte(path))
+	return h.Sum64() | 1
+}
+
+// FindByTag returns the ublk device carrying tag (a device an interrupted
+// server created and did not record), if any.
+func FindByTag(ctrl *Control, tag uint64) (uint32, bool, error) {
+	entries, err := os.ReadDir("/sys/class/ublk-char")
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	for _, e := range entries {
+		id, err := ParseDevice("/dev/" + e.Name())
+		if err != nil {
+			continue
+		}
+		info, err := ctrl.DeviceInfo(id)
+		if err == nil && info.Tag == tag {
+			return id, true, nil
+		}
+	}
+	return 0, false, nil
 }
 
 // params derives the kernel parameters from the backend and options, and
@@ -208,6 +249,7 @@ func Create(ctrl *Control, b volume.Backend, opts Options) (*Device, error) {
 		MaxIOBufBytes: uint32(opts.MaxIOBytes),
 		ID:            ^uint32(0),
 		Flags:         flags,
+		Tag:           opts.Tag,
 	})
 	if err != nil {
 		return nil, err
@@ -226,8 +268,11 @@ func Create(ctrl *Control, b volume.Backend, opts Options) (*Device, error) {
 // makes the device live again. The requests the dead server held are
 // reissued; a write it had already applied to a sequential zone arrives
 // again below the zone's write pointer and is accepted when the data there
-// is the same (see serveWrite). The geometry must be the one the device
-// was created with.
+// is the same (see Device.write). A zone append it had applied cannot be
+// told from a new one: it lands a second time, at the new write pointer,
+// and the first copy stays in the zone unreferenced (a filesystem records
+// where the completion said). The geometry must be the one the device was
+// created with, and the tag (Options.Tag) the device's.
 func Recover(ctrl *Control, id uint32, b volume.Backend, opts Options, wait time.Duration) (*Device, error) {
 	opts.setDefaults()
 	info, err := waitQuiesced(ctrl, id, wait)
@@ -236,6 +281,9 @@ func Recover(ctrl *Control, id uint32, b volume.Backend, opts Options, wait time
 	}
 	if info.Flags&flagUserRecovery == 0 {
 		return nil, fmt.Errorf("ublk device %d was created without user recovery: %w", id, ErrNotRecoverable)
+	}
+	if opts.Tag != 0 && info.Tag != opts.Tag {
+		return nil, fmt.Errorf("ublk device %d serves another image (tag %#x, this one's %#x): %w", id, info.Tag, opts.Tag, ErrNotRecoverable)
 	}
 	opts.Queues, opts.QueueDepth, opts.MaxIOBytes = int(info.Queues), int(info.QueueDepth), int(info.MaxIOBufBytes)
 	want, err := params(b, &opts)
@@ -289,9 +337,13 @@ func waitQuiesced(ctrl *Control, id uint32, wait time.Duration) (DevInfo, error)
 		if info.State == StateQuiesced {
 			return info, nil
 		}
-		if time.Now().After(deadline) {
+		serverAlive := info.ServerPID > 0 && syscall.Kill(int(info.ServerPID), 0) == nil
+		// A dead (stopped) device, or a live one whose server runs, will not
+		// become recoverable by waiting; a live one whose server just died
+		// will, once the kernel has quiesced it.
+		if info.State == StateDead || (info.State == StateLive && serverAlive) || time.Now().After(deadline) {
 			state := map[uint16]string{StateDead: "dead", StateLive: "live"}[info.State]
-			if info.State == StateLive && info.ServerPID > 0 && syscall.Kill(int(info.ServerPID), 0) == nil {
+			if info.State == StateLive && serverAlive {
 				return DevInfo{}, fmt.Errorf("ublk device %d is live, served by pid %d: %w", id, info.ServerPID, ErrNotRecoverable)
 			}
 			return DevInfo{}, fmt.Errorf("ublk device %d is %s (state %d), not waiting for recovery: %w", id, state, info.State, ErrNotRecoverable)
@@ -402,10 +454,17 @@ func (d *Device) Stop() error {
 	return syncErr
 }
 
+// errRunning: Close of a device that still serves.
+var errRunning = errors.New("ublk device still serving: stop it first")
+
 // Close releases the stopped device: queues, character device, then the
 // device itself (DEL_DEV). It returns the first error a queue met.
 func (d *Device) Close() error {
-	<-d.stopped
+	select {
+	case <-d.stopped:
+	default:
+		return fmt.Errorf("ublk device %d: %w", d.info.ID, errRunning)
+	}
 	d.closeQueues()
 	err := d.ctrl.Delete(d.info.ID)
 	if errors.Is(err, unix.ENODEV) {

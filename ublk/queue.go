@@ -27,6 +27,10 @@ type queue struct {
 	wake    int    // eventfd: a request finished
 	wakeBuf []byte // the ring reads the eventfd's counter here (off heap)
 
+	// requests counts the request goroutines still running: the queue's
+	// descriptors and the character device must outlive them.
+	requests sync.WaitGroup
+
 	mu   sync.Mutex
 	done []completion
 	// signalled: the eventfd was written and the ring has not read it yet,
@@ -45,10 +49,13 @@ const wakeTag = 1 << 32
 
 func newQueue(d *Device, id int) (*queue, error) {
 	q := &queue{id: id, depth: int(d.info.QueueDepth), dev: d, charFD: int(d.char.Fd())}
-	iodLen := (q.depth*iodSize + os.Getpagesize() - 1) &^ (os.Getpagesize() - 1)
-	const maxCmdBuf = (4096*iodSize + 4095) &^ 4095 // per queue, at UBLK_MAX_QUEUE_DEPTH
+	page := os.Getpagesize()
+	iodLen := (q.depth*iodSize + page - 1) &^ (page - 1)
+	// Each queue's descriptors sit at a stride of the largest queue's,
+	// UBLK_MAX_QUEUE_DEPTH of them, rounded up to the page size.
+	maxCmdBuf := (4096*iodSize + page - 1) &^ (page - 1)
 	var err error
-	q.iods, err = unix.Mmap(q.charFD, int64(id)*maxCmdBuf, iodLen, unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
+	q.iods, err = unix.Mmap(q.charFD, int64(id*maxCmdBuf), iodLen, unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
 	if err != nil {
 		return nil, fmt.Errorf("ublk queue %d: mapping the request descriptors: %w", id, err)
 	}
@@ -75,6 +82,7 @@ func newQueue(d *Device, id int) (*queue, error) {
 }
 
 func (q *queue) close() {
+	q.requests.Wait()
 	if q.ring != nil {
 		q.ring.close()
 	}
@@ -161,7 +169,11 @@ func (q *queue) run(ready chan<- error) error {
 			case c.res == 0:
 				tag := uint16(c.userData)
 				r := decodeIOD(q.iods[int(tag)*iodSize:])
-				go q.dev.serve(q, tag, r)
+				q.requests.Add(1)
+				go func() {
+					defer q.requests.Done()
+					q.dev.serve(q, tag, r)
+				}()
 			case c.res == ioResAbort:
 				aborted++
 			default:

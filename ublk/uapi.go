@@ -104,6 +104,9 @@ type DevInfo struct {
 	ID            uint32
 	ServerPID     int32
 	Flags         uint64
+	// Tag is the server's own field (ublksrv_flags): the kernel keeps it
+	// for the device's life. It identifies the image a device serves.
+	Tag uint64
 }
 
 func (d *DevInfo) encode() []byte {
@@ -115,6 +118,7 @@ func (d *DevInfo) encode() []byte {
 	le.PutUint32(b[12:], d.ID)
 	le.PutUint32(b[16:], uint32(d.ServerPID))
 	le.PutUint64(b[24:], d.Flags)
+	le.PutUint64(b[32:], d.Tag)
 	return b
 }
 
@@ -127,6 +131,7 @@ func decodeDevInfo(b []byte) DevInfo {
 		ID:            le.Uint32(b[12:]),
 		ServerPID:     int32(le.Uint32(b[16:])),
 		Flags:         le.Uint64(b[24:]),
+		Tag:           le.Uint64(b[32:]),
 	}
 }
 

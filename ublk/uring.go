@@ -135,7 +135,9 @@ func (r *ring) sqe() ([]byte, error) {
 }
 
 // submit hands the queued entries to the kernel and, with wait > 0, waits
-// until that many completions are ready. Interrupted waits are retried.
+// for that many completions, or less: a signal can end the wait once the
+// entries are in (callers reap what came and wait again if they must).
+// Interrupted calls that submitted nothing are retried.
 func (r *ring) submit(wait uint32) error {
 	n := r.pending
 	atomic.StoreUint32(r.sqTail, *r.sqTail+n)
@@ -149,15 +151,15 @@ func (r *ring) submit(wait uint32) error {
 		switch errno {
 		case 0:
 			n -= uint32(done)
-			if n == 0 || wait == 0 {
-				if n != 0 {
-					return fmt.Errorf("io_uring_enter: %d of %d entries submitted", uint32(done), uint32(done)+n)
-				}
+			if n == 0 {
 				return nil
+			}
+			if wait == 0 {
+				return fmt.Errorf("io_uring_enter: %d of %d entries submitted", uint32(done), uint32(done)+n)
 			}
 			// Submitted part of the batch: go on with the rest.
 		case unix.EINTR, unix.EAGAIN, unix.EBUSY:
-			// A signal (Go's preemption) or a full completion queue: the
+			// A signal (Go's preemption) or no room for completions: the
 			// entries not taken stay in the ring; try again.
 		default:
 			return fmt.Errorf("io_uring_enter: %w", errno)

@@ -11,6 +11,7 @@ import (
 // Volume is an open image as a frontend serves it.
 type Volume struct {
 	Backend               // Plain, or Zoned for a zoned image
+	Path    string        // the image file
 	Img     *image.Image  // the image
 	Zones   *zoned.Device // the zone model of a zoned image; nil for a plain one
 }
@@ -42,14 +43,14 @@ func Open(path string, opts image.OpenOptions) (*Volume, error) {
 		}
 	}
 	if !isZoned {
-		return &Volume{Backend: Plain{Img: img}, Img: img}, nil
+		return &Volume{Backend: Plain{Img: img}, Path: path, Img: img}, nil
 	}
 	dev, err := zoned.OpenImage(img)
 	if err != nil {
 		img.Close()
 		return nil, fmt.Errorf("zoned image: %w", err)
 	}
-	return &Volume{Backend: Zoned{Img: img, Dev: dev}, Img: img, Zones: dev}, nil
+	return &Volume{Backend: Zoned{Img: img, Dev: dev}, Path: path, Img: img, Zones: dev}, nil
 }
 
 // Close flushes a writable volume (through the zone model: every write

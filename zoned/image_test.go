@@ -236,8 +236,9 @@ func TestConcurrentAppendsAndFlushesOnAnImage(t *testing.T) {
 	var mu sync.Mutex
 	landed := map[int64]landing{}
 	var wg sync.WaitGroup
-	stop := make(chan struct{})
+	stop, flusherDone := make(chan struct{}), make(chan struct{})
 	go func() {
+		defer close(flusherDone)
 		for {
 			select {
 			case <-stop:
@@ -272,6 +273,7 @@ func TestConcurrentAppendsAndFlushesOnAnImage(t *testing.T) {
 	}
 	wg.Wait()
 	close(stop)
+	<-flusherDone // a flush in flight must end before the close
 	if t.Failed() {
 		return
 	}

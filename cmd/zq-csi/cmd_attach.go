@@ -173,6 +173,7 @@ func runAttach(e *env, args []string) int {
 	var d attached
 	if *backend != "nbd" {
 		opts := ublk.Options{Zones: vol.Zones, Queues: *queues, QueueDepth: *depth, LogicalBlockSize: int(*blockSize),
+			Tag:  ublk.ImageTag(operands[0]),
 			Logf: func(f string, a ...any) { e.errorf("attach: "+f, a...) }}
 		d, err = attachUBLK(vol.Backend, opts, *recoverDev)
 		if err != nil && *backend == "" && (errors.Is(err, ublk.ErrUnavailable) || errors.Is(err, ublk.ErrGeometry)) {

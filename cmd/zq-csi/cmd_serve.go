@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/zq-csi/zq-csi/driver"
@@ -94,6 +95,13 @@ func runServe(e *env, args []string) int {
 		}
 	}
 
+	// The node service serves its devices' I/O: under memory pressure the
+	// kernel must not make it wait for their own writeback.
+	if *mode != driver.ModeController {
+		if err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0); err != nil {
+			klog.ErrorS(err, "PR_SET_IO_FLUSHER (needs CAP_SYS_RESOURCE): writeback through the plugin's devices could deadlock under memory pressure")
+		}
+	}
 	d, err := driver.New(driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Mode: *mode,
 		Pool: *poolDir, StateDir: *stateDir, MaxVolumes: *maxVolumes,
