@@ -227,27 +227,22 @@ func (d *Device) report(q *queue, tag int, off int64, nr int) (int, error) {
 const pageSize = 4096
 
 // copyIn reads a request's data (a write or an append) into p.
-func (q *queue) copyIn(tag int, p []byte) error {
-	n, err := unix.Pread(q.charFD, p, userCopyOffset(q.id, tag))
+func (q *queue) copyIn(tag int, p []byte) error { return q.userCopy(unix.Pread, "from", tag, p) }
+
+// copyOut writes p as a request's data (a read or a zone report).
+func (q *queue) copyOut(tag int, p []byte) error { return q.userCopy(unix.Pwrite, "to", tag, p) }
+
+// userCopy moves a request's data with pread or pwrite on the character
+// device, at the request's offset there.
+func (q *queue) userCopy(op func(int, []byte, int64) (int, error), dir string, tag int, p []byte) error {
+	n, err := op(q.charFD, p, userCopyOffset(q.id, tag))
 	if n == len(p) {
 		return nil
 	}
 	if err == nil {
 		err = io.ErrUnexpectedEOF
 	}
-	return fmt.Errorf("copying %d bytes of request %d from the kernel (got %d): %w", len(p), tag, n, err)
-}
-
-// copyOut writes p as a request's data (a read or a zone report).
-func (q *queue) copyOut(tag int, p []byte) error {
-	n, err := unix.Pwrite(q.charFD, p, userCopyOffset(q.id, tag))
-	if n == len(p) {
-		return nil
-	}
-	if err == nil {
-		err = io.ErrShortWrite
-	}
-	return fmt.Errorf("copying %d bytes of request %d to the kernel (done %d): %w", len(p), tag, n, err)
+	return fmt.Errorf("copying %d bytes of request %d %s the kernel (done %d): %w", len(p), tag, dir, n, err)
 }
 
 // errno is the result for a failed request. The kernel checked the
