@@ -31,7 +31,7 @@ E2E_ARGS ?=
 # (it runs under the race detector), `make interop` runs only them.
 INTEROP_TESTS := ^TestInterop
 
-.PHONY: all build deps test vet unit interop e2e lint bench fuzz crash crash-default demo tour clean help
+.PHONY: all build deps test vet unit interop e2e lint bench fuzz crash crash-default demo tour deploy-check deploy-manifests image clean help
 
 all: build
 
@@ -41,6 +41,9 @@ help:
 	@echo "make demo     deps + build, then the CSI demo: provision, stage, publish a zoned volume, show its zones"
 	@echo "              (in the VM harness where this kernel has no ublk)"
 	@echo "make tour     deps + build, then the image tools: create, write, verify, info, check; a zoned image"
+	@echo "make deploy-check      chart, deploy/, examples/: helm lint, values schema, kubeconform, apiserver dry run"
+	@echo "make deploy-manifests  regenerate deploy/ from charts/zq-csi"
+	@echo "make image             build the container image (needs a docker or podman engine)"
 	@echo "make test     deps, go vet, unit tests (race), interop tests (qemu-img/qemu-io), VM tests"
 	@echo "make unit     unit and property tests, fuzz seeds, under the race detector"
 	@echo "make interop  the interop tier alone"
@@ -57,7 +60,7 @@ build:
 deps:
 	bash scripts/deps.sh
 
-test: deps vet unit crash-default interop e2e
+test: deps vet unit crash-default interop deploy-check e2e
 
 vet:
 	$(GO) vet ./...
@@ -118,6 +121,23 @@ demo: deps build
 
 tour: deps build
 	bash scripts/tour.sh $(BIN)
+
+# The deployment tier: charts/zq-csi, deploy/ and examples/ through helm
+# lint/template, values.schema.json, kubeconform -strict and a server-side
+# dry run on a real kube-apiserver. Its tools (helm, kubeconform,
+# kube-apiserver, kubectl, etcd) are built once from the Go module proxy
+# into ~/.cache/zq-csi-tools (about 7 minutes cold), then reused (~10 s).
+deploy-check:
+	bash scripts/check-deploy.sh
+
+# deploy/ is generated from the chart: run this after editing charts/zq-csi.
+deploy-manifests:
+	bash scripts/gen-deploy.sh
+
+# The container image; without a docker/podman engine it says so and exits 0.
+IMAGE ?=
+image:
+	bash scripts/deploy-image.sh $(IMAGE)
 
 clean:
 	rm -rf bin bench.txt
