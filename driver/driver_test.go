@@ -588,3 +588,40 @@ func TestMetrics(t *testing.T) {
 		}
 	}
 }
+
+// The volume condition turns abnormal when the backing image disappears or
+// the device stops serving.
+func TestVolumeConditionFollowsImageAndDevice(t *testing.T) {
+	e := newTestDriver(t)
+	ctx := context.Background()
+	v := e.create(t, "pvc-h", 8<<20)
+	staging := t.TempDir()
+	if _, err := e.d.NodeStageVolume(ctx, stageReq(v.VolumeId, staging)); err != nil {
+		t.Fatal(err)
+	}
+	stats := func() *csi.VolumeCondition {
+		t.Helper()
+		r, err := e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: v.VolumeId, VolumePath: staging})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.VolumeCondition
+	}
+	if c := stats(); c.Abnormal {
+		t.Fatalf("healthy volume: %+v", c)
+	}
+	img := e.d.pool.imagePath(v.VolumeId)
+	if err := os.Rename(img, img+".moved"); err != nil {
+		t.Fatal(err)
+	}
+	if c := stats(); !c.Abnormal || !strings.Contains(c.Message, "backing image") {
+		t.Fatalf("image gone: %+v", c)
+	}
+	if err := os.Rename(img+".moved", img); err != nil {
+		t.Fatal(err)
+	}
+	e.d.node.get(v.VolumeId).dev.(*fakeDevice).detached = true
+	if c := stats(); !c.Abnormal || !strings.Contains(c.Message, "detached") {
+		t.Fatalf("device stopped: %+v", c)
+	}
+}
