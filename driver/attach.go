@@ -59,12 +59,12 @@ func control() (*ublk.Control, error) {
 }
 
 func ublkOptions(v *volume.Volume) ublk.Options {
-	return ublk.Options{Zones: v.Zones, Tag: ublk.ImageTag(v.Path),
+	return ublk.Options{Zones: v.Zones, Tag: volume.Tag(v.Path),
 		Logf: func(f string, a ...any) { klog.InfoS(fmt.Sprintf(f, a...)) }}
 }
 
 func nbdOptions(v *volume.Volume) nbdattach.Options {
-	o := nbdattach.Options{Index: nbdattach.Any, DeadConnTimeout: 10 * time.Minute,
+	o := nbdattach.Options{Index: nbdattach.Any, DeadConnTimeout: 10 * time.Minute, BackendID: volume.BackendID(v.Path),
 		Logf: func(f string, a ...any) { klog.InfoS(fmt.Sprintf(f, a...)) }}
 	if v.Zones != nil {
 		// One connection keeps each zone's writes in order.
@@ -159,7 +159,7 @@ func (kernelAttacher) Forget(device, image string) error {
 		if err != nil {
 			return err
 		}
-		if info.Tag != ublk.ImageTag(image) {
+		if info.Tag != volume.Tag(image) {
 			// The number went to another volume's device since.
 			return nil
 		}
@@ -175,6 +175,10 @@ func (kernelAttacher) Forget(device, image string) error {
 	index, err := nbdattach.ParseDevice(device)
 	if err != nil {
 		return err
+	}
+	if id, _ := nbdattach.BackendIDOf(index); id != volume.BackendID(image) {
+		// Not connected, or the number went to another volume's device.
+		return nil
 	}
 	return nbdattach.Disconnect(index)
 }

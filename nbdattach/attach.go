@@ -9,15 +9,17 @@ package nbdattach
 import (
 	"errors"
 	"fmt"
-	"github.com/zq-csi/zq-csi/volume"
 	"net"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/zq-csi/zq-csi/volume"
 )
 
 // Options tune an attach.
@@ -38,6 +40,10 @@ type Options struct {
 	// restarted server, before it fails the I/O
 	// (NBD_ATTR_DEAD_CONN_TIMEOUT); 0: it fails the I/O at once.
 	DeadConnTimeout time.Duration
+	// BackendID names what the device serves (NBD_ATTR_BACKEND_IDENTIFIER,
+	// shown in /sys/block/nbdN/backend; volume.BackendID). Recover with one
+	// is refused by the kernel for a device serving another backend.
+	BackendID string
 	// Index asks for /dev/nbdIndex; -1 (or Any) lets the kernel pick a
 	// free device. With a zero Options value, Index 0 would be asked
 	// for: use Any.
@@ -45,6 +51,16 @@ type Options struct {
 	// Logf, if set, gets a line for each connection that ends with an
 	// error.
 	Logf func(format string, args ...any)
+}
+
+// BackendIDOf returns the backend identifier of /dev/nbdINDEX ("" when it
+// has none or is not connected).
+func BackendIDOf(index int) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/backend", index))
+	if errors.Is(err, os.ErrNotExist) {
+		return "", nil
+	}
+	return strings.TrimSpace(string(b)), err
 }
 
 // Any is Options.Index for "any free device".
@@ -224,7 +240,7 @@ func Attach(b volume.Backend, opts Options) (*Device, error) {
 	d.watch()
 	index, err := n.connect(connectConfig{
 		index: opts.Index, size: size, blockSize: bs, serverFlags: serverFlags(exp),
-		timeout: opts.Timeout, deadConnTimeout: opts.DeadConnTimeout, fds: fdsOf(kernel),
+		timeout: opts.Timeout, deadConnTimeout: opts.DeadConnTimeout, backendID: opts.BackendID, fds: fdsOf(kernel),
 	})
 	for _, f := range kernel {
 		f.Close() // the kernel holds its own reference now
@@ -270,7 +286,7 @@ func Recover(index int, b volume.Backend, opts Options) (*Device, error) {
 			return nil, fmt.Errorf("nbd recover: %w", err)
 		}
 		err = n.reconfigure(connectConfig{index: index, timeout: opts.Timeout,
-			deadConnTimeout: opts.DeadConnTimeout, fds: fdsOf(kernel)})
+			deadConnTimeout: opts.DeadConnTimeout, backendID: opts.BackendID, fds: fdsOf(kernel)})
 		for _, f := range kernel {
 			f.Close()
 		}

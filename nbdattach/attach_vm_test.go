@@ -380,10 +380,13 @@ func TestKernelRecoverAfterServerDeath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := Options{Index: Any, Connections: 2, DeadConnTimeout: 60 * time.Second}
+	opts := Options{Index: Any, Connections: 2, DeadConnTimeout: 60 * time.Second, BackendID: volume.BackendID(path)}
 	d, err := Attach(volume.Plain{Img: img}, opts)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if id, err := BackendIDOf(d.Index); err != nil || id != opts.BackendID {
+		t.Fatalf("backend of %s: %q, %v; want %q", d.Path(), id, err, opts.BackendID)
 	}
 	f := vmtest.OpenDirect(t, d.Path())
 	defer f.Close()
@@ -428,10 +431,16 @@ func TestKernelRecoverAfterServerDeath(t *testing.T) {
 	case <-time.After(time.Second):
 	}
 
-	// A fresh server instance takes the device back.
+	// A fresh server instance takes the device back; one with another
+	// image's identity is refused by the kernel.
 	img2, err := image.Open(path, image.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
+	}
+	other := opts
+	other.BackendID = volume.BackendID(path + ".other")
+	if _, err := Recover(d.Index, volume.Plain{Img: img2}, other); err == nil {
+		t.Fatal("Recover with another image's backend identifier was accepted")
 	}
 	d2, err := Recover(d.Index, volume.Plain{Img: img2}, opts)
 	if err != nil {

@@ -28,15 +28,16 @@ const (
 	nbdCmdLinkDead    = 4 // multicast notification, unused
 	nbdCmdStatus      = 5
 
-	nbdAttrIndex           = 1 // u32
-	nbdAttrSizeBytes       = 2 // u64
-	nbdAttrBlockSizeBytes  = 3 // u64
-	nbdAttrTimeout         = 4 // u64, seconds
-	nbdAttrServerFlags     = 5 // u64, the NBD transmission flags
-	nbdAttrClientFlags     = 6 // u64
-	nbdAttrSockets         = 7 // nested: NBD_SOCK_ITEM
-	nbdAttrDeadConnTimeout = 8 // u64, seconds
-	nbdAttrDeviceList      = 9 // nested: NBD_DEVICE_ITEM
+	nbdAttrIndex           = 1  // u32
+	nbdAttrSizeBytes       = 2  // u64
+	nbdAttrBlockSizeBytes  = 3  // u64
+	nbdAttrTimeout         = 4  // u64, seconds
+	nbdAttrServerFlags     = 5  // u64, the NBD transmission flags
+	nbdAttrClientFlags     = 6  // u64
+	nbdAttrSockets         = 7  // nested: NBD_SOCK_ITEM
+	nbdAttrDeadConnTimeout = 8  // u64, seconds
+	nbdAttrDeviceList      = 9  // nested: NBD_DEVICE_ITEM
+	nbdAttrBackendID       = 10 // string, NBD_ATTR_BACKEND_IDENTIFIER
 
 	nbdSockItem = 1 // nested: NBD_SOCK_FD
 	nbdSockFD   = 1 // u32
@@ -271,6 +272,7 @@ type connectConfig struct {
 	serverFlags     uint64
 	timeout         time.Duration // 0: not sent
 	deadConnTimeout time.Duration // 0: not sent
+	backendID       string        // "": not sent
 	fds             []int
 }
 
@@ -299,6 +301,9 @@ func (n *nbdNetlink) connect(cfg connectConfig) (int, error) {
 	}
 	if cfg.deadConnTimeout > 0 {
 		a = a.u64(nbdAttrDeadConnTimeout, seconds(cfg.deadConnTimeout))
+	}
+	if cfg.backendID != "" {
+		a = a.str(nbdAttrBackendID, cfg.backendID)
 	}
 	a = a.nested(nbdAttrSockets, socketsAttr(cfg.fds))
 	replies, err := n.do(nbdCmdConnect, a)
@@ -341,6 +346,11 @@ func (n *nbdNetlink) reconfigure(cfg connectConfig) error {
 	}
 	if cfg.deadConnTimeout > 0 {
 		a = a.u64(nbdAttrDeadConnTimeout, seconds(cfg.deadConnTimeout))
+	}
+	// The kernel refuses the reconfigure when the device's backend is
+	// another one.
+	if cfg.backendID != "" {
+		a = a.str(nbdAttrBackendID, cfg.backendID)
 	}
 	if len(cfg.fds) > 0 {
 		a = a.nested(nbdAttrSockets, socketsAttr(cfg.fds))

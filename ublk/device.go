@@ -3,9 +3,7 @@ package ublk
 import (
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -45,7 +43,7 @@ type Options struct {
 	// LogicalBlockSize is 512 or 4096 (default 512 for a zoned device,
 	// else 4096 when the size is a multiple of it).
 	LogicalBlockSize int
-	// Tag identifies what the device serves (see ImageTag); the kernel
+	// Tag identifies what the device serves (volume.Tag); the kernel
 	// keeps it with the device, and Recover refuses a device whose tag is
 	// not the one given, so that a stale record never puts one image
 	// under another's device. 0: no check.
@@ -103,17 +101,6 @@ func ParseDevice(path string) (uint32, error) {
 		return 0, fmt.Errorf("%q is not a ublk device (/dev/ublkbN)", path)
 	}
 	return n, nil
-}
-
-// ImageTag is the Tag of a device serving the image at path: a hash of its
-// absolute path, never 0.
-func ImageTag(path string) uint64 {
-	if abs, err := filepath.Abs(path); err == nil {
-		path = abs
-	}
-	h := fnv.New64a()
-	h.Write([]byte(path))
-	return h.Sum64() | 1
 }
 
 // FindByTag returns the ublk device carrying tag (a device an interrupted

@@ -3,6 +3,8 @@ package volume
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
+	"path/filepath"
 
 	"github.com/zq-csi/zq-csi/image"
 	"github.com/zq-csi/zq-csi/zoned"
@@ -52,6 +54,23 @@ func Open(path string, opts image.OpenOptions) (*Volume, error) {
 	}
 	return &Volume{Backend: Zoned{Img: img, Dev: dev}, Path: path, Img: img, Zones: dev}, nil
 }
+
+// Tag identifies the image at path for the kernel frontends, which keep it
+// with the device they serve it through (ublk's ublksrv_flags, nbd's
+// backend identifier): a hash of the absolute path, never 0. A server taking
+// a device back checks it, so that a stale record never puts one image
+// under another's device.
+func Tag(path string) uint64 {
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
+	h := fnv.New64a()
+	h.Write([]byte(path))
+	return h.Sum64() | 1
+}
+
+// BackendID is Tag as nbd's backend identifier (/sys/block/nbdN/backend).
+func BackendID(path string) string { return fmt.Sprintf("zq-csi:%016x", Tag(path)) }
 
 // Close flushes a writable volume (through the zone model: every write
 // pointer durable after its data) and closes the image.

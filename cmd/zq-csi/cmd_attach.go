@@ -173,7 +173,7 @@ func runAttach(e *env, args []string) int {
 	var d attached
 	if *backend != "nbd" {
 		opts := ublk.Options{Zones: vol.Zones, Queues: *queues, QueueDepth: *depth, LogicalBlockSize: int(*blockSize),
-			Tag:  ublk.ImageTag(operands[0]),
+			Tag:  volume.Tag(operands[0]),
 			Logf: func(f string, a ...any) { e.errorf("attach: "+f, a...) }}
 		d, err = attachUBLK(vol.Backend, opts, *recoverDev)
 		if err != nil && *backend == "" && (errors.Is(err, ublk.ErrUnavailable) || errors.Is(err, ublk.ErrGeometry)) {
@@ -183,7 +183,8 @@ func runAttach(e *env, args []string) int {
 	}
 	if err == nil && d == nil {
 		d, err = attachNBD(vol.Backend, vol.Zones != nil, nbdOptions{
-			conns: *conns, blockSize: *blockSize, readOnly: *readOnly, timeout: *timeout,
+			backendID: volume.BackendID(operands[0]),
+			conns:     *conns, blockSize: *blockSize, readOnly: *readOnly, timeout: *timeout,
 			deadConn: *deadConn, device: *device, recoverDev: *recoverDev,
 			logf: func(f string, a ...any) { e.errorf("attach: "+f, a...) },
 		})
@@ -239,6 +240,7 @@ func attachUBLK(b volume.Backend, opts ublk.Options, recoverDev string) (attache
 }
 
 type nbdOptions struct {
+	backendID          string
 	conns              int
 	blockSize          int64
 	readOnly           bool
@@ -286,7 +288,7 @@ func attachNBD(b volume.Backend, zoned bool, o nbdOptions) (attached, error) {
 	opts := nbdattach.Options{
 		Connections: o.conns, BlockSize: bs, ReadOnly: o.readOnly,
 		Timeout: time.Duration(o.timeout) * time.Second, DeadConnTimeout: time.Duration(o.deadConn) * time.Second,
-		Index: index, Logf: o.logf,
+		Index: index, BackendID: o.backendID, Logf: o.logf,
 	}
 	if recoverIndex >= 0 {
 		return nbdattach.Recover(recoverIndex, b, opts)
