@@ -135,3 +135,15 @@ func TestOpenPicksTheBackend(t *testing.T) {
 		t.Fatalf("zoned image: %d zones, read-only %v", z.Dev.Geometry().NumZones(), z.Img.ReadOnly())
 	}
 }
+
+func TestTagIdentifiesTheImageByItsAbsolutePath(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	a, b := filepath.Join(dir, "a.qcow2"), filepath.Join(dir, "b.qcow2")
+	if Tag(a) == 0 || Tag(a) != Tag("a.qcow2") || Tag(a) == Tag(b) {
+		t.Fatalf("Tag(%s)=%#x, Tag(a.qcow2)=%#x, Tag(%s)=%#x", a, Tag(a), Tag("a.qcow2"), b, Tag(b))
+	}
+	if id := BackendID(a); len(id) != len("zq-csi:")+16 || id == BackendID(b) {
+		t.Fatalf("BackendID %q", id)
+	}
+}
