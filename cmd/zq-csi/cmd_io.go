@@ -23,7 +23,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/zq-csi/zq-csi/image"
 	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
@@ -41,9 +40,7 @@ const defaultWritePattern = 0xcd
 
 // ioSession is one open image and where the commands print.
 type ioSession struct {
-	vol      *volume.Volume
-	img      *image.Image
-	dev      *zoned.Device // the zoned device over img; nil for a plain image
+	vol      *volume.Volume // the image, and its zoned device (nil for a plain image)
 	readOnly bool
 	out      io.Writer // command output (stdout)
 	errw     io.Writer // error messages (stderr)
@@ -262,17 +259,17 @@ func ioRead(s *ioSession, opts []opt, operands []string) error {
 		p := buf[:n]
 		start := time.Now()
 		var got int
-		if s.dev != nil {
-			got, err = s.dev.ReadAt(p, off+done)
+		if s.vol.Zones != nil {
+			got, err = s.vol.Zones.ReadAt(p, off+done)
 		} else {
-			got, err = s.img.ReadAt(p, off+done)
+			got, err = s.vol.Img.ReadAt(p, off+done)
 		}
 		elapsed += time.Since(start)
 		if err == nil && int64(got) != n {
 			err = io.ErrUnexpectedEOF
 		}
 		if err != nil {
-			if s.dev != nil {
+			if s.vol.Zones != nil {
 				return &devError{"read", err}
 			}
 			return fmt.Errorf("read failed: %w", err)
@@ -339,18 +336,18 @@ func ioWrite(s *ioSession, opts []opt, operands []string) error {
 	if !zero && length > maxIOBytes {
 		return &ioUsageError{fmt.Sprintf("length cannot exceed %d, given %s", maxIOBytes, operands[1])}
 	}
-	if s.dev != nil {
+	if s.vol.Zones != nil {
 		return s.devWrite(off, length, pattern, zero, unmap, fua, quiet)
 	}
 	start := time.Now()
 	if zero {
-		err = s.img.WriteZeroes(off, length, unmap)
+		err = s.vol.Img.WriteZeroes(off, length, unmap)
 	} else {
 		buf := bytes.Repeat([]byte{pattern}, int(min(length, ioChunk)))
 		for done := int64(0); done < length && err == nil; {
 			n := min(length-done, int64(len(buf)))
 			var got int
-			got, err = s.img.WriteAt(buf[:n], off+done)
+			got, err = s.vol.Img.WriteAt(buf[:n], off+done)
 			if err == nil && int64(got) != n {
 				err = io.ErrShortWrite
 			}
@@ -358,7 +355,7 @@ func ioWrite(s *ioSession, opts []opt, operands []string) error {
 		}
 	}
 	if err == nil && fua {
-		err = s.img.Flush()
+		err = s.vol.Img.Flush()
 	}
 	elapsed := time.Since(start)
 	if err != nil {
@@ -377,14 +374,14 @@ func ioDiscard(s *ioSession, opts []opt, operands []string) error {
 		return err
 	}
 	start := time.Now()
-	if s.dev != nil {
+	if s.vol.Zones != nil {
 		// Only conventional zones can be discarded: a sequential zone's
 		// data goes with zone_reset.
 		if err := s.conventionalOnly("discard", off, length); err != nil {
 			return err
 		}
 	}
-	if err := s.img.Discard(off, length); err != nil {
+	if err := s.vol.Img.Discard(off, length); err != nil {
 		return fmt.Errorf("discard failed: %w", err)
 	}
 	if !quiet {
@@ -394,13 +391,13 @@ func ioDiscard(s *ioSession, opts []opt, operands []string) error {
 }
 
 func ioFlush(s *ioSession, _ []opt, _ []string) error {
-	if s.dev != nil {
-		if err := s.dev.Flush(); err != nil {
+	if s.vol.Zones != nil {
+		if err := s.vol.Zones.Flush(); err != nil {
 			return &devError{"flush", err}
 		}
 		return nil
 	}
-	if err := s.img.Flush(); err != nil {
+	if err := s.vol.Img.Flush(); err != nil {
 		return fmt.Errorf("flush failed: %w", err)
 	}
 	return nil
@@ -409,8 +406,8 @@ func ioFlush(s *ioSession, _ []opt, _ []string) error {
 // ioMap prints qemu-io's map: runs of the disk backed by data clusters
 // ("allocated") or not. Zero clusters count as not allocated.
 func ioMap(s *ioSession, _ []opt, _ []string) error {
-	size := s.img.Size()
-	exts, err := s.img.Map(0, size)
+	size := s.vol.Img.Size()
+	exts, err := s.vol.Img.Map(0, size)
 	if err != nil {
 		return fmt.Errorf("map failed: %w", err)
 	}
@@ -438,7 +435,7 @@ func ioMap(s *ioSession, _ []opt, _ []string) error {
 }
 
 func ioLength(s *ioSession, _ []opt, _ []string) error {
-	fmt.Fprintln(s.out, cvtstr(float64(s.img.Size())))
+	fmt.Fprintln(s.out, cvtstr(float64(s.vol.Img.Size())))
 	return nil
 }
 
@@ -510,7 +507,7 @@ func runIO(e *env, args []string) int {
 	if err != nil {
 		return e.fail(err, nil)
 	}
-	s := &ioSession{vol: vol, img: vol.Img, dev: vol.Zones, readOnly: *readOnly, out: e.stdout, errw: e.stderr}
+	s := &ioSession{vol: vol, readOnly: *readOnly, out: e.stdout, errw: e.stderr}
 	ok := true
 	if len(cmds) > 0 {
 		for _, c := range cmds {

@@ -48,12 +48,12 @@ func (s *ioSession) devWrite(off, length int64, pattern byte, zero, unmap, fua, 
 	if s.readOnly {
 		return fmt.Errorf("write failed: %w", image.ErrReadOnly)
 	}
-	g := s.dev.Geometry()
+	g := s.vol.Zones.Geometry()
 	convEnd := int64(g.ConventionalZones) * g.ZoneSize
 	start := time.Now()
 	var err error
 	if zero && off >= 0 && length >= 0 && off <= convEnd && length <= convEnd-off {
-		err = s.img.WriteZeroes(off, length, unmap)
+		err = s.vol.Img.WriteZeroes(off, length, unmap)
 	} else if err = s.preflight(off, length); err == nil {
 		if zero {
 			pattern = 0
@@ -62,7 +62,7 @@ func (s *ioSession) devWrite(off, length int64, pattern byte, zero, unmap, fua, 
 		for done := int64(0); done < length && err == nil; {
 			n := min(length-done, int64(len(buf)))
 			var got int
-			got, err = s.dev.WriteAt(buf[:n], off+done)
+			got, err = s.vol.Zones.WriteAt(buf[:n], off+done)
 			if err == nil && int64(got) != n {
 				err = fmt.Errorf("write at %#x: %w", off+done, io.ErrShortWrite)
 			}
@@ -70,7 +70,7 @@ func (s *ioSession) devWrite(off, length int64, pattern byte, zero, unmap, fua, 
 		}
 	}
 	if err == nil && fua {
-		err = s.dev.Flush()
+		err = s.vol.Zones.Flush()
 	}
 	elapsed := time.Since(start)
 	if err != nil {
@@ -90,7 +90,7 @@ func (s *ioSession) preflight(off, n int64) error {
 	if n <= ioChunk {
 		return nil
 	}
-	g := s.dev.Geometry()
+	g := s.vol.Zones.Geometry()
 	if off < 0 || off > g.Size || n > g.Size-off {
 		return fmt.Errorf("write at %#x+%#x, device size %#x: %w", off, n, g.Size, zoned.ErrWritePastEnd)
 	}
@@ -102,7 +102,7 @@ func (s *ioSession) preflight(off, n int64) error {
 		}
 		return nil
 	}
-	z, err := s.dev.ZoneAt(off)
+	z, err := s.vol.Zones.ZoneAt(off)
 	if err != nil {
 		return err
 	}
@@ -121,7 +121,7 @@ func (s *ioSession) preflight(off, n int64) error {
 // reaches a sequential zone: their data goes only with zone_reset.
 // Ranges past the device end are left to the image to refuse.
 func (s *ioSession) conventionalOnly(op string, off, length int64) error {
-	g := s.dev.Geometry()
+	g := s.vol.Zones.Geometry()
 	convEnd := int64(g.ConventionalZones) * g.ZoneSize
 	if off < 0 || length <= 0 || off >= g.Size || (off <= convEnd && length <= convEnd-off) {
 		return nil
@@ -138,14 +138,14 @@ func ioZoneReport(s *ioSession, _ []opt, operands []string) error {
 		return err
 	}
 	const op = "zone report"
-	if s.dev == nil {
+	if s.vol.Zones == nil {
 		return &devError{op, errNotZoned}
 	}
-	if _, err := s.dev.ZoneAt(off); err != nil {
+	if _, err := s.vol.Zones.ZoneAt(off); err != nil {
 		return &devError{op, err}
 	}
-	first := s.dev.Geometry().ZoneIndex(off)
-	for _, z := range s.dev.Report(first, int(min(nr, math.MaxInt32))) {
+	first := s.vol.Zones.Geometry().ZoneIndex(off)
+	for _, z := range s.vol.Zones.Report(first, int(min(nr, math.MaxInt32))) {
 		fmt.Fprintf(s.out, "start: 0x%x, len 0x%x, cap 0x%x, wptr 0x%x, zcond:%d, [type: %d]\n",
 			z.Start/zoned.SectorSize, z.Length/zoned.SectorSize, z.Capacity/zoned.SectorSize,
 			z.WritePointer/zoned.SectorSize, z.Cond, z.Type)
@@ -161,13 +161,13 @@ func ioZoneMgmt(op string, f func(d *zoned.Device, off, length int64) error) fun
 		if err != nil {
 			return err
 		}
-		if s.dev == nil {
+		if s.vol.Zones == nil {
 			return &devError{op, errNotZoned}
 		}
 		if s.readOnly {
 			return fmt.Errorf("%s failed: %w", op, image.ErrReadOnly)
 		}
-		if err := f(s.dev, off, length); err != nil {
+		if err := f(s.vol.Zones, off, length); err != nil {
 			return &devError{op, err}
 		}
 		return nil
@@ -212,13 +212,13 @@ func ioZoneAppend(s *ioSession, opts []opt, operands []string) error {
 		lens, total = append(lens, n), total+n
 	}
 	const op = "zone append"
-	if s.dev == nil {
+	if s.vol.Zones == nil {
 		return &devError{op, errNotZoned}
 	}
 	if s.readOnly {
 		return fmt.Errorf("%s failed: %w", op, image.ErrReadOnly)
 	}
-	g := s.dev.Geometry()
+	g := s.vol.Zones.Geometry()
 	for k, n := range lens {
 		if n%zoned.SectorSize != 0 {
 			return &devError{op, fmt.Errorf("append at %#x: buffer %d of %d bytes is not a multiple of %d: %w",
@@ -232,10 +232,10 @@ func ioZoneAppend(s *ioSession, opts []opt, operands []string) error {
 			return &devError{op, fmt.Errorf("zone %d: append of %#x bytes, max_append_bytes %#x: %w",
 				i, total, g.MaxAppendBytes, zoned.ErrAppendTooLarge)}
 		}
-		_, err := s.dev.Append(nil, off)
+		_, err := s.vol.Zones.Append(nil, off)
 		return &devError{op, err}
 	}
-	pos, err := s.dev.Append(bytes.Repeat([]byte{pattern}, int(total)), off)
+	pos, err := s.vol.Zones.Append(bytes.Repeat([]byte{pattern}, int(total)), off)
 	if err != nil {
 		return &devError{op, err}
 	}
