@@ -127,9 +127,7 @@ func (kernelAttacher) Recover(v *volume.Volume, backend, device string) (Device,
 		if err != nil {
 			return nil, err
 		}
-		o := nbdOptions(v)
-		o.Index = index
-		d, err := nbdattach.Recover(index, v.Backend, o)
+		d, err := nbdattach.Recover(index, v.Backend, nbdOptions(v))
 		if err != nil {
 			return nil, err
 		}

@@ -87,12 +87,6 @@ type Device struct {
 // Path is the block device, /dev/ublkbN.
 func (d *Device) Path() string { return fmt.Sprintf("/dev/ublkb%d", d.info.ID) }
 
-// ID is the ublk device number N.
-func (d *Device) ID() uint32 { return d.info.ID }
-
-// Info is what the kernel accepted at creation.
-func (d *Device) Info() DevInfo { return d.info }
-
 // ParseDevice returns N of /dev/ublkbN (or /dev/ublkcN).
 func ParseDevice(path string) (uint32, error) {
 	var n uint32

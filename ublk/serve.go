@@ -215,10 +215,13 @@ func (d *Device) report(q *queue, tag int, off int64, nr int) (int, error) {
 	for {
 		chunk := zeros[:pageSize-done%pageSize]
 		n, err := unix.Pwrite(q.charFD, chunk, userCopyOffset(q.id, tag)+int64(done))
-		if n <= 0 || err != nil {
+		switch {
+		case err == unix.EINVAL || (err == nil && n == 0):
 			// The end of the kernel's buffer: nothing more to copy
 			// (0 bytes, or EINVAL just past the end).
 			return done, nil
+		case err != nil:
+			return 0, fmt.Errorf("zeroing the report of request %d after %d bytes: %w", tag, done, err)
 		}
 		done += n
 	}

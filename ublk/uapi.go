@@ -154,15 +154,11 @@ type Params struct {
 	MaxOpenZones         uint32
 	MaxActiveZones       uint32
 	MaxZoneAppendSectors uint32
-
-	// Filled by GetParams: the block device's major:minor once started.
-	DiskMajor, DiskMinor uint32
 }
 
 const (
 	paramBasic   = 1 << 0
 	paramDiscard = 1 << 1
-	paramDevt    = 1 << 2
 	paramZoned   = 1 << 3
 
 	attrReadOnly      = 1 << 0
@@ -222,9 +218,6 @@ func decodeParams(b []byte) Params {
 		p.DiscardGranularity = le.Uint32(b[44:])
 		p.MaxDiscardSectors = le.Uint32(b[48:])
 		p.MaxWriteZeroesSectors = le.Uint32(b[52:])
-	}
-	if types&paramDevt != 0 {
-		p.DiskMajor, p.DiskMinor = le.Uint32(b[68:]), le.Uint32(b[72:])
 	}
 	if types&paramZoned != 0 {
 		p.Zoned = true

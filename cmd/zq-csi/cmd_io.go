@@ -40,11 +40,10 @@ const defaultWritePattern = 0xcd
 
 // ioSession is one open image and where the commands print.
 type ioSession struct {
-	vol      *volume.Volume // the image, and its zoned device (nil for a plain image)
-	readOnly bool
-	out      io.Writer // command output (stdout)
-	errw     io.Writer // error messages (stderr)
-	quit     bool
+	vol  *volume.Volume // the image, and its zoned device (nil for a plain image)
+	out  io.Writer      // command output (stdout)
+	errw io.Writer      // error messages (stderr)
+	quit bool
 }
 
 // ioCommand is one qemu-io command.
@@ -507,7 +506,7 @@ func runIO(e *env, args []string) int {
 	if err != nil {
 		return e.fail(err, nil)
 	}
-	s := &ioSession{vol: vol, readOnly: *readOnly, out: e.stdout, errw: e.stderr}
+	s := &ioSession{vol: vol, out: e.stdout, errw: e.stderr}
 	ok := true
 	if len(cmds) > 0 {
 		for _, c := range cmds {

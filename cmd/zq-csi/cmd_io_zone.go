@@ -45,7 +45,7 @@ func openSession(file string, readOnly bool) (*volume.Volume, error) {
 // Zeroes in conventional zones go to the image directly (unmapping with
 // -u), as the device sends them.
 func (s *ioSession) devWrite(off, length int64, pattern byte, zero, unmap, fua, quiet bool) error {
-	if s.readOnly {
+	if s.vol.Img.ReadOnly() {
 		return fmt.Errorf("write failed: %w", image.ErrReadOnly)
 	}
 	g := s.vol.Zones.Geometry()
@@ -164,7 +164,7 @@ func ioZoneMgmt(op string, f func(d *zoned.Device, off, length int64) error) fun
 		if s.vol.Zones == nil {
 			return &devError{op, errNotZoned}
 		}
-		if s.readOnly {
+		if s.vol.Img.ReadOnly() {
 			return fmt.Errorf("%s failed: %w", op, image.ErrReadOnly)
 		}
 		if err := f(s.vol.Zones, off, length); err != nil {
@@ -215,7 +215,7 @@ func ioZoneAppend(s *ioSession, opts []opt, operands []string) error {
 	if s.vol.Zones == nil {
 		return &devError{op, errNotZoned}
 	}
-	if s.readOnly {
+	if s.vol.Img.ReadOnly() {
 		return fmt.Errorf("%s failed: %w", op, image.ErrReadOnly)
 	}
 	g := s.vol.Zones.Geometry()
