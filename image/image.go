@@ -35,6 +35,12 @@ type Image struct {
 	refblockEntries int64
 	size            int64
 
+	// clusterBufs holds cluster-sized buffers for the copy-on-write of a
+	// partial write to a new cluster, so that a random small-write workload
+	// does not allocate a cluster per request (and the collector, with its
+	// stops, does not run for them).
+	clusterBufs sync.Pool
+
 	// gate is held shared by every data operation and exclusively by Flush
 	// and Close, so a flush sees no write half done and frees no cluster an
 	// operation still uses.
@@ -698,7 +704,18 @@ func (img *Image) writeNewClusters(p []byte, in, host int64, old []l2Entry) erro
 		_, err := img.file.WriteAt(p, host)
 		return err
 	}
-	buf := make([]byte, k*cs)
+	var buf []byte
+	if k == 1 {
+		if b, ok := img.clusterBufs.Get().(*[]byte); ok {
+			buf = *b
+			clear(buf)
+		} else {
+			buf = make([]byte, cs)
+		}
+		defer img.clusterBufs.Put(&buf)
+	} else {
+		buf = make([]byte, k*cs)
+	}
 	if in != 0 {
 		if err := img.readCluster(old[0], buf[:cs]); err != nil {
 			return err

@@ -111,6 +111,8 @@ const noQueue = 0xffff
 
 func cmdName(nr uint32) string {
 	switch nr {
+	case cmdGetQueueAffinity:
+		return "GET_QUEUE_AFFINITY"
 	case cmdGetDevInfo:
 		return "GET_DEV_INFO"
 	case cmdAddDev:
@@ -170,6 +172,22 @@ func (c *Control) DeviceInfo(id uint32) (DevInfo, error) {
 		return DevInfo{}, err
 	}
 	return decodeDevInfo(b), nil
+}
+
+// QueueAffinity returns the CPUs whose requests go to queue q of device id
+// (the kernel's map of CPUs to hardware queues).
+func (c *Control) QueueAffinity(id uint32, q uint16) (unix.CPUSet, error) {
+	var set unix.CPUSet
+	b := make([]byte, unsafe.Sizeof(set))
+	if _, err := c.do(cmdGetQueueAffinity, true, ctrlCmd{devID: id, queueID: noQueue, buf: b, data: uint64(q)}); err != nil {
+		return set, fmt.Errorf("ublk GET_QUEUE_AFFINITY of device %d queue %d: %w", id, q, err)
+	}
+	for cpu := 0; cpu < len(b)*8; cpu++ {
+		if b[cpu/8]&(1<<(cpu%8)) != 0 {
+			set.Set(cpu)
+		}
+	}
+	return set, nil
 }
 
 // SetParams sets a device's parameters (before START_DEV).

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -34,7 +35,9 @@ type Options struct {
 	// state machine (over the same image as the volume.Backend).
 	Zones *zoned.Device
 	// Queues is the number of hardware queues, each with its own ring
-	// thread (default 1; the kernel caps it at the CPU count).
+	// thread, which runs on the CPUs the kernel maps to its queue (default:
+	// one per CPU this process may use; the kernel caps it at the CPU
+	// count).
 	Queues int
 	// QueueDepth is the requests in flight per queue (default 64).
 	QueueDepth int
@@ -186,7 +189,7 @@ func params(b volume.Backend, opts *Options) (Params, error) {
 
 func (opts *Options) setDefaults() {
 	if opts.Queues <= 0 {
-		opts.Queues = 1
+		opts.Queues = runtime.NumCPU()
 	}
 	if opts.QueueDepth <= 0 {
 		opts.QueueDepth = DefaultQueueDepth

@@ -13,12 +13,12 @@ import (
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
-// serve runs one request from the kernel and hands its result to the
-// queue's ring thread. Data moves between the request and our buffer with
+// serve runs one request from the kernel and returns its result for the
+// commit. Data moves between the request and our buffer with
 // pread/pwrite on the character device (user copy, which the kernel
 // requires for zoned devices: the commit carries a zone append's sector in
 // the field buffer mode would use for an address).
-func (d *Device) serve(q *queue, tag uint16, r iod) {
+func (d *Device) serve(q *queue, tag uint16, r iod) completion {
 	n, lba, err := d.handle(q, int(tag), r)
 	res := int32(n)
 	if int(r.op) < len(d.ops) {
@@ -29,7 +29,7 @@ func (d *Device) serve(q *queue, tag uint16, r iod) {
 		d.logFailure(r, err)
 		res = -int32(d.errno(err))
 	}
-	q.finish(completion{tag: tag, result: res, lba: lba})
+	return completion{tag: tag, result: res, lba: lba}
 }
 
 // logFailure logs a failed request, at most one a second: an application

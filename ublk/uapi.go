@@ -13,16 +13,17 @@ var le = binary.LittleEndian
 
 // Command numbers (the _IOC_NR part) of control and I/O commands.
 const (
-	cmdGetDevInfo    = 0x02
-	cmdAddDev        = 0x04
-	cmdDelDev        = 0x05
-	cmdStartDev      = 0x06
-	cmdStopDev       = 0x07
-	cmdSetParams     = 0x08
-	cmdGetParams     = 0x09
-	cmdStartRecovery = 0x10
-	cmdEndRecovery   = 0x11
-	cmdGetFeatures   = 0x13
+	cmdGetQueueAffinity = 0x01
+	cmdGetDevInfo       = 0x02
+	cmdAddDev           = 0x04
+	cmdDelDev           = 0x05
+	cmdStartDev         = 0x06
+	cmdStopDev          = 0x07
+	cmdSetParams        = 0x08
+	cmdGetParams        = 0x09
+	cmdStartRecovery    = 0x10
+	cmdEndRecovery      = 0x11
+	cmdGetFeatures      = 0x13
 
 	ioFetchReq       = 0x20
 	ioCommitAndFetch = 0x21

@@ -228,11 +228,7 @@ func TestRingReadsAPipe(t *testing.T) {
 		t.Fatal(err)
 	}
 	buf := make([]byte, 16)
-	e, err := r.sqe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	prepRead(e, p[0], unsafe.Pointer(&buf[0]), uint32(len(buf)), 0, 42)
+	readPipe(t, r, p[0], buf, 42)
 	if err := r.submit(1); err != nil {
 		t.Fatal(err)
 	}
@@ -248,6 +244,89 @@ func TestRingReadsAPipe(t *testing.T) {
 	}
 	if _, err := r.sqe(); !errors.Is(err, errRingFull) {
 		t.Fatalf("fifth entry of a 4-entry ring: %v", err)
+	}
+}
+
+// readPipe queues an IORING_OP_READ of buf from fd with userData; buf must
+// stay reachable until the completion.
+func readPipe(t *testing.T, r *ring, fd int, buf []byte, userData uint64) {
+	t.Helper()
+	e, err := r.sqe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const opRead = 22 // IORING_OP_READ
+	e[0] = opRead
+	le.PutUint32(e[4:], uint32(fd))
+	le.PutUint64(e[16:], uint64(uintptr(unsafe.Pointer(&buf[0]))))
+	le.PutUint32(e[24:], uint32(len(buf)))
+	le.PutUint64(e[32:], userData)
+}
+
+// The ring signals its registered eventfd for a completion only while
+// notification is on: the queue's ring thread relies on both halves (no
+// wake-ups while it waits in the kernel, one for every completion while it
+// waits in Go).
+func TestRingEventfdFollowsNotify(t *testing.T) {
+	r, err := newRing(4, false)
+	if err != nil {
+		t.Fatalf("io_uring unavailable on this host: %v", err)
+	}
+	defer r.close()
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(efd)
+	if err := r.registerEventfd(efd); err != nil {
+		t.Fatal(err)
+	}
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	signals := func() uint64 {
+		var b [8]byte
+		if _, err := unix.Read(efd, b[:]); err == unix.EAGAIN {
+			return 0
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		return le.Uint64(b[:])
+	}
+	buf := make([]byte, 8)
+	for i, on := range []bool{false, true, false, true} {
+		r.setNotify(on)
+		readPipe(t, r, p[0], buf, uint64(i))
+		if err := r.submit(0); err != nil {
+			t.Fatal(err)
+		}
+		if r.completions() {
+			t.Fatalf("round %d: a completion before the pipe had data", i)
+		}
+		if _, err := unix.Write(p[1], []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.submit(1); err != nil {
+			t.Fatal(err)
+		}
+		if !r.completions() {
+			t.Fatalf("round %d: no completion after waiting for one", i)
+		}
+		n := r.reap(func(c cqe) {
+			if c.userData != uint64(i) || c.res != 1 {
+				t.Errorf("round %d: completion %+v", i, c)
+			}
+		})
+		want := uint64(0)
+		if on {
+			want = 1
+		}
+		if got := signals(); n != 1 || got != want {
+			t.Fatalf("round %d (notify %v): %d completions, eventfd counted %d, want 1 and %d", i, on, n, got, want)
+		}
 	}
 }
 

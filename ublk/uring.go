@@ -20,7 +20,10 @@ const (
 
 	enterGetEvents = 1 << 0 // IORING_ENTER_GETEVENTS
 
-	opRead     = 22 // IORING_OP_READ
+	registerEventfd = 4 // IORING_REGISTER_EVENTFD
+
+	cqEventfdDisabled = 1 << 0 // IORING_CQ_EVENTFD_DISABLED
+
 	opURingCmd = 46 // IORING_OP_URING_CMD
 
 	offSQRing = 0          // IORING_OFF_SQ_RING
@@ -57,6 +60,7 @@ type ring struct {
 	sqMask, cqMask                 uint32
 	sqArray                        []uint32
 	cqes                           unsafe.Pointer
+	cqFlags                        *uint32
 	// pending counts entries queued by sqe but not yet handed to the kernel.
 	pending uint32
 }
@@ -102,6 +106,7 @@ func (r *ring) mmap(p *ringParams) error {
 	r.cqHead, r.cqTail = u32(r.cqRing, p.cqOff.head), u32(r.cqRing, p.cqOff.tail)
 	r.cqMask = *u32(r.cqRing, p.cqOff.ringMask)
 	r.cqes = unsafe.Pointer(&r.cqRing[p.cqOff.cqes])
+	r.cqFlags = u32(r.cqRing, p.cqOff.flags)
 	return nil
 }
 
@@ -167,6 +172,33 @@ func (r *ring) submit(wait uint32) error {
 	}
 }
 
+// registerEventfd makes the ring signal eventfd fd when it posts a
+// completion (while notification is on, see setNotify).
+func (r *ring) registerEventfd(fd int) error {
+	efd := int32(fd)
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerEventfd, uintptr(unsafe.Pointer(&efd)), 1, 0, 0)
+	if errno != 0 {
+		return fmt.Errorf("io_uring_register(IORING_REGISTER_EVENTFD): %w", errno)
+	}
+	return nil
+}
+
+// setNotify turns the registered eventfd's signals on or off. The store is
+// sequentially consistent: a completion posted after it is either seen by a
+// following look at the ring (completions) or signalled.
+func (r *ring) setNotify(on bool) {
+	flags := atomic.LoadUint32(r.cqFlags) &^ cqEventfdDisabled
+	if !on {
+		flags |= cqEventfdDisabled
+	}
+	atomic.StoreUint32(r.cqFlags, flags)
+}
+
+// completions says whether completions are ready to reap.
+func (r *ring) completions() bool {
+	return atomic.LoadUint32(r.cqTail) != *r.cqHead
+}
+
 // cqe is one completion.
 type cqe struct {
 	userData uint64
@@ -194,18 +226,6 @@ func prepURingCmd(e []byte, fd int, op uint32, userData uint64) {
 	e[0] = opURingCmd
 	le.PutUint32(e[4:], uint32(fd))
 	le.PutUint32(e[8:], op) // cmd_op shares the off field
-	le.PutUint64(e[32:], userData)
-}
-
-// prepRead fills e as IORING_OP_READ of len(buf) bytes from fd at off.
-// buf must stay reachable and unmoved until the completion (callers pass
-// memory outside the Go heap or pinned by a live reference).
-func prepRead(e []byte, fd int, buf unsafe.Pointer, n uint32, off uint64, userData uint64) {
-	e[0] = opRead
-	le.PutUint32(e[4:], uint32(fd))
-	le.PutUint64(e[8:], off)
-	le.PutUint64(e[16:], uint64(uintptr(buf)))
-	le.PutUint32(e[24:], n)
 	le.PutUint64(e[32:], userData)
 }
 

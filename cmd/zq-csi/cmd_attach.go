@@ -60,7 +60,8 @@ Backends:
   --recover DEV          take back DEV (/dev/ublkbN or /dev/nbdN) whose server died, instead of
                          creating a device; its held I/O is served (ublk reissues it)
 ublk:
-  --queues N             hardware queues, each served by its own thread (default 1)
+  --queues N             hardware queues, each served by its own thread on the CPUs the kernel
+                         sends to it (default: one per CPU)
   --queue-depth N        requests in flight per queue (default 64)
 nbd:
   --connections N        sockets the kernel spreads requests over (default: one per CPU, at most 2;
