@@ -142,14 +142,12 @@ func TestRandomOperationsMatchModelAcrossReopen(t *testing.T) {
 			model := make([]byte, c.size)
 			r := rand.New(rand.NewPCG(uint64(c.clusterSize), uint64(c.refcountBits)))
 			var log []string
-			ops := 400
-			if raceEnabled {
-				ops = 200
-			}
+			// A reopen every 100 operations, and after the last.
+			ops := loops(400)
 			for i := range ops {
 				op, _, _ := applyRandomOp(t, r, img, model, int64(c.clusterSize))
 				log = append(log, op)
-				if i%100 == 99 {
+				if i%100 == 99 || i == ops-1 {
 					mustMatch(t, img, model)
 					st := img.file.(*memStorage)
 					img = reopen(t, img, st, opts)
@@ -304,7 +302,7 @@ func TestConcurrentWritersToSharedClusters(t *testing.T) {
 // system may keep it, belongs to the old boot and must be ignored, and
 // must not have changed what reaches the image file or when.
 func TestCrashLeavesNoCorruption(t *testing.T) {
-	cuts := crashCuts(500)
+	cuts := loops(500)
 	for _, journaled := range []bool{false, true} {
 		for _, cs := range []int{512, 65536} {
 			t.Run(fmt.Sprintf("cluster=%d/journal=%v", cs, journaled), func(t *testing.T) {
@@ -318,14 +316,17 @@ func TestCrashLeavesNoCorruption(t *testing.T) {
 	}
 }
 
-// crashCuts is how many power cuts a crash test injects: n, fewer with
-// -short or under the race detector, ZQ_CRASH_CUTS if set (make crash).
-func crashCuts(n int) int {
+// loops is how many rounds (power cuts, kills, random operations) a long
+// randomized test runs: n in the crash tier (make crash-default), which
+// runs these tests without the race detector; a sample of n/50 (at least
+// 4) under -short or the race detector (make unit, which must stay fast);
+// ZQ_CRASH_CUTS if set (make crash).
+func loops(n int) int {
 	if v, err := strconv.Atoi(os.Getenv("ZQ_CRASH_CUTS")); err == nil && v > 0 {
 		return v
 	}
 	if testing.Short() || raceEnabled {
-		return n / 8
+		return max(n/50, 4)
 	}
 	return n
 }

@@ -89,9 +89,14 @@ func TestJournalKeepsAcknowledgedWritesAcrossProcessDeath(t *testing.T) {
 			cs := int64(c.create.ClusterSize)
 			var log []string
 			kills, replayed, sinceFlush := 0, 0, 0
-			// Not scaled down under the race detector: the kills that come
-			// after evictions need the whole run to happen.
-			for range 600 {
+			// The kills that come after evictions need the whole run to
+			// happen; the others are a sample in the unit tier, long enough
+			// for several kills.
+			ops := max(loops(600), 120)
+			if strings.HasPrefix(c.name, "after-eviction/") {
+				ops = 600
+			}
+			for range ops {
 				s.mu.Lock()
 				syncs := s.syncs
 				s.mu.Unlock()

@@ -296,7 +296,7 @@ func checkCrashed(t *testing.T, crashed []byte, what string) {
 // TestCrashNeverLeavesAWritePointerPastDurableData cuts power at a random
 // file call of random zone workloads.
 func TestCrashNeverLeavesAWritePointerPastDurableData(t *testing.T) {
-	for cut := range crashCuts(600) {
+	for cut := range loops(600) {
 		if only := os.Getenv("ZQ_CRASH_CUT"); only != "" && only != fmt.Sprint(cut) {
 			continue // ZQ_CRASH_CUT=N replays cut N alone: each has its own seed
 		}

@@ -87,12 +87,13 @@ cleanup() {
 trap cleanup EXIT
 
 # --- tools --------------------------------------------------------------------
+# The first run builds the tools (minutes): their progress shows as it
+# comes, as TAP comments.
 start=$SECONDS
-if out=$(bash scripts/kube-tools.sh all 2>&1); then
+if bash scripts/kube-tools.sh all 2>&1 | sed -u 's/^/# /'; then
 	ok "tools: helm, kubeconform, kube-apiserver, kubectl, etcd ($KUBE_VERSION) in $BIN ($((SECONDS - start))s)"
 else
-	notok "tools: scripts/kube-tools.sh"
-	printf '%s\n' "$out" | tail -n 40 | indent
+	notok "tools: scripts/kube-tools.sh (its output is above)"
 	finish
 fi
 

@@ -13,6 +13,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
 if [[ ${1:-} != --here ]]; then
+	# Colour only for a terminal here: in the VM harness the demo's output is
+	# a virtio console, a character device that is not the user's terminal.
+	if [[ -t 1 ]]; then export ZQ_DEMO_COLOR=1; else export ZQ_DEMO_COLOR=0; fi
 	(cd "$root" && go build -o bin/zq-csi ./cmd/zq-csi && go build -o bin/csidemo ./test/e2e/csidemo)
 	if [[ -e /dev/ublk-control ]] || modprobe ublk_drv 2>/dev/null; then
 		exec "$0" --here
@@ -45,7 +48,7 @@ done
 	cat "$work/serve.log" >&2
 	exit 1
 }
-"$root/bin/csidemo" --endpoint "unix://$work/csi.sock" --dir "$work/demo"
+"$root/bin/csidemo" --endpoint "unix://$work/csi.sock" --dir "$work/demo" --color="$([[ ${ZQ_DEMO_COLOR:-0} == 1 ]] && echo true || echo false)"
 echo
 echo "# The plugin's log (klog):"
 sed 's/^/  /' "$work/serve.log"

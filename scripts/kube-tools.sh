@@ -31,6 +31,37 @@ mkdir -p "$BIN"
 
 log() { echo "kube-tools: $*" >&2; }
 
+# building N/M WHAT CMD...: run a build step that takes minutes, saying
+# which one it is, that it is still going (every minute) and how long it
+# took.
+building() {
+	local what=$1 start=$SECONDS beat rc=0
+	shift
+	log "building $what ($((++step))/$steps; once, cached in $TOOLS)"
+	# The heartbeat's sleep must not outlive it: it holds our stderr,
+	# which a reader of this script's output waits on.
+	(
+		trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+		while :; do
+			sleep 60 &
+			nap=$!
+			wait "$nap"
+			log "  still building $what: $(((SECONDS - start) / 60)) min so far"
+		done
+	) &
+	beat=$!
+	"$@" || rc=$?
+	kill "$beat" 2>/dev/null
+	wait "$beat" 2>/dev/null
+	if ((rc != 0)); then
+		log "building $what failed after $((SECONDS - start))s"
+		return "$rc"
+	fi
+	log "built $what in $((SECONDS - start))s"
+}
+step=0
+steps=0
+
 # link NAME PATH: $BIN/NAME -> PATH
 link() { ln -sfn "$2" "$BIN/$1"; }
 
@@ -39,9 +70,8 @@ goinstall() {
 	local dir=$1 pkg=$2 name
 	name=$(basename "${pkg%@*}")
 	if [ ! -x "$dir/$name" ]; then
-		log "building $pkg (once; cached in $dir)"
 		mkdir -p "$dir.tmp"
-		GOBIN="$dir.tmp" CGO_ENABLED=0 GOFLAGS=-mod=mod go install -trimpath -ldflags=-s "$pkg"
+		GOBIN="$dir.tmp" CGO_ENABLED=0 GOFLAGS=-mod=mod building "$pkg" go install -trimpath -ldflags=-s "$pkg"
 		rm -rf "$dir" && mv "$dir.tmp" "$dir"
 	fi
 	link "$name" "$dir/$name"
@@ -51,9 +81,8 @@ helm_tool() {
 	# helm's version string comes from ldflags; set it so `helm version` is honest.
 	local dir=$TOOLS/helm-$HELM_VERSION
 	if [ ! -x "$dir/helm" ]; then
-		log "building helm $HELM_VERSION (once; cached in $dir)"
 		mkdir -p "$dir.tmp"
-		GOBIN="$dir.tmp" CGO_ENABLED=0 go install -trimpath \
+		GOBIN="$dir.tmp" CGO_ENABLED=0 building "helm $HELM_VERSION" go install -trimpath \
 			-ldflags="-s -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
 			"helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 		rm -rf "$dir" && mv "$dir.tmp" "$dir"
@@ -68,7 +97,7 @@ kubeconform_tool() {
 kube_tool() {
 	local dir=$TOOLS/kube-$KUBE_VERSION
 	if [ ! -x "$dir/bin/kube-apiserver" ] || [ ! -x "$dir/bin/kubectl" ] || [ ! -x "$dir/bin/etcd" ]; then
-		log "building kube-apiserver, kubectl and etcd from k8s.io/kubernetes $KUBE_VERSION (once, several minutes; cached in $dir)"
+		log "kube-apiserver, kubectl and etcd from k8s.io/kubernetes $KUBE_VERSION: the longest build (about 6 minutes cold on 2 quiet cores)"
 		local mod=$dir/module
 		mkdir -p "$mod/etcd"
 		local gomod
@@ -114,7 +143,8 @@ kube_tool() {
 		(
 			cd "$mod"
 			export GOFLAGS=-mod=mod CGO_ENABLED=0
-			go get "go.etcd.io/etcd/server/v3@$(sed -n 's/^[[:space:]]*go\.etcd\.io\/etcd\/server\/v3 \(v[^ ]*\).*/\1/p' "$gomod")"
+			building "the module graph of k8s.io/kubernetes $KUBE_VERSION (download)" \
+				go get "go.etcd.io/etcd/server/v3@$(sed -n 's/^[[:space:]]*go\.etcd\.io\/etcd\/server\/v3 \(v[^ ]*\).*/\1/p' "$gomod")"
 			go mod tidy
 			mkdir -p "$dir/bin.tmp"
 			# The version the binaries report (they read it from these variables).
@@ -123,7 +153,7 @@ kube_tool() {
 			for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 				ld="$ld -X $p.gitVersion=$v -X $p.gitMajor=$major -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
 			done
-			go build -trimpath -ldflags="$ld" -o "$dir/bin.tmp/" \
+			building "kube-apiserver, kubectl and etcd $KUBE_VERSION" go build -trimpath -ldflags="$ld" -o "$dir/bin.tmp/" \
 				k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl ./etcd
 		)
 		rm -rf "${dir:?}/bin" && mv "$dir/bin.tmp" "$dir/bin"
@@ -133,6 +163,19 @@ kube_tool() {
 }
 
 [ $# -gt 0 ] || set -- all
+# The build steps to come, for "N/M" in the progress lines.
+for t in "$@"; do
+	case $t in
+	helm) [ -x "$TOOLS/helm-$HELM_VERSION/helm" ] || steps=$((steps + 1)) ;;
+	kubeconform) [ -x "$TOOLS/kubeconform-$KUBECONFORM_VERSION/kubeconform" ] || steps=$((steps + 1)) ;;
+	kube) [ -x "$TOOLS/kube-$KUBE_VERSION/bin/etcd" ] || steps=$((steps + 2)) ;;
+	all)
+		[ -x "$TOOLS/helm-$HELM_VERSION/helm" ] || steps=$((steps + 1))
+		[ -x "$TOOLS/kubeconform-$KUBECONFORM_VERSION/kubeconform" ] || steps=$((steps + 1))
+		[ -x "$TOOLS/kube-$KUBE_VERSION/bin/etcd" ] || steps=$((steps + 2))
+		;;
+	esac
+done
 for t in "$@"; do
 	case $t in
 	helm) helm_tool ;;

@@ -24,7 +24,11 @@ import (
 func main() {
 	endpoint := flag.String("endpoint", "unix:///run/zq-csi/csi.sock", "the plugin's CSI endpoint")
 	dir := flag.String("dir", "/tmp/zq-demo", "where the staging and publish paths go")
+	color := flag.Bool("color", false, "bold steps and commands (demo.sh sets it when its own output is a terminal)")
 	flag.Parse()
+	if *color {
+		bold, plain = "\033[1m", "\033[0m"
+	}
 	if err := run(*endpoint, *dir); err != nil {
 		fmt.Fprintln(os.Stderr, "csidemo:", err)
 		os.Exit(1)
@@ -45,9 +49,6 @@ func shell(name string, args ...string) error {
 }
 
 func run(endpoint, dir string) error {
-	if fi, err := os.Stdout.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
-		bold, plain = "\033[1m", "\033[0m"
-	}
 	conn, err := grpc.NewClient("unix://"+strings.TrimPrefix(endpoint, "unix://"), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return err
@@ -131,6 +132,8 @@ func run(endpoint, dir string) error {
 	step("NodeGetVolumeStats")
 	fmt.Printf("total %d, written %d, available %d; condition: %s\n",
 		st.Usage[0].Total, st.Usage[0].Used, st.Usage[0].Available, st.VolumeCondition.Message)
+	fmt.Println("(written counts the 2 conventional zones, 128 MiB, in full: any of their blocks can hold data,\n" +
+		" as on a zoned drive; in the sequential zones it is the data below the write pointers, here 4 MiB)")
 	return nil
 }
 
