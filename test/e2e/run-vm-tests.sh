@@ -140,7 +140,10 @@ expect "kernel-checks.sh exit status ($(tail -n1 "$SCRATCH/out"), $(elapsed "$t"
 echo "# Go tests with the vmtest build tag (vm-go-test.sh ./...)"
 t=$EPOCHREALTIME
 rc=0
-"$E2E_DIR/vm-go-test.sh" ./... 2>&1 | tee "$SCRATCH/out" | sed 's/^/  /' || rc=$?
+# One guest runs every package (about 2.5 minutes on a quiet machine):
+# its limit follows the machine's speed too, unless ZQ_VM_TIMEOUT is set.
+go_limit=${ZQ_VM_TIMEOUT:-$(awk -v b="$boot_s" 'BEGIN { l = int(100 * b); print (l < 900 ? 900 : l) }')}
+ZQ_VM_TIMEOUT=$go_limit "$E2E_DIR/vm-go-test.sh" ./... 2>&1 | tee "$SCRATCH/out" | sed 's/^/  /' || rc=$?
 expect "vm-go-test.sh ./... exit status ($(elapsed "$t")s)" 0 "$rc"
 if grep -q '^ok	github.com/zq-csi/zq-csi/test/e2e	' "$SCRATCH/out"; then
 	ok "test/e2e Go kernel tests ran and passed"
