@@ -132,7 +132,8 @@ func queueCPUs(d *Device, id int) unix.CPUSet {
 		d.logf("ublk device %d queue %d: %v: its thread runs on any CPU", d.info.ID, id, err)
 		return both
 	}
-	for cpu := 0; cpu < len(allowed)*64; cpu++ {
+	const cpuSetSize = 1024 // CPU_SETSIZE: the CPUs a unix.CPUSet holds
+	for cpu := 0; cpu < cpuSetSize; cpu++ {
 		if mapped.IsSet(cpu) && allowed.IsSet(cpu) {
 			both.Set(cpu)
 		}

@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -418,4 +419,66 @@ func TestKernelRecoverAfterKill(t *testing.T) {
 		t.Fatalf("recovered attach after detach: %v; stderr: %s", err, r.Stderr)
 	}
 	t.Logf("recover: %s", r.Stderr)
+}
+
+// TestKernelQueuePerCPUOnItsCPUs: by default a device has a queue per CPU,
+// and each queue's ring thread runs only on the CPUs the kernel sends to
+// that queue, so a request is served where it was issued.
+func TestKernelQueuePerCPUOnItsCPUs(t *testing.T) {
+	if runtime.NumCPU() < 2 {
+		t.Fatalf("the guest has %d CPU: this test needs 2 (ZQ_VM_CPUS)", runtime.NumCPU())
+	}
+	s := serve(t, createZoned(t, 1<<30, issueGeometry), ublk.Options{})
+	id, err := ublk.ParseDevice(s.dev.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.ctrl.DeviceInfo(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int(info.Queues) != runtime.NumCPU() {
+		t.Fatalf("%d queues on %d CPUs", info.Queues, runtime.NumCPU())
+	}
+	// The CPU lists of this process's threads, as the kernel has them.
+	pinned := map[string]int{}
+	tasks, err := filepath.Glob("/proc/self/task/*/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range tasks {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue // the thread ended
+		}
+		if m := regexp.MustCompile(`(?m)^Cpus_allowed_list:\s*(\S+)$`).FindSubmatch(b); m != nil {
+			pinned[string(m[1])]++
+		}
+	}
+	for q := range int(info.Queues) {
+		cpus, err := s.ctrl.QueueAffinity(id, uint16(q))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var list []string
+		for cpu := range 1024 {
+			if cpus.IsSet(cpu) {
+				list = append(list, strconv.Itoa(cpu))
+			}
+		}
+		want := strings.Join(list, ",")
+		if len(list) == 0 || pinned[want] == 0 {
+			t.Errorf("queue %d maps CPUs %q; no thread of this process runs on exactly those (threads by CPU list: %v)", q, want, pinned)
+		}
+	}
+	// And the device serves from every CPU: random writes to a
+	// conventional zone from each, verified (the geometry has 2).
+	for cpu := range min(runtime.NumCPU(), 2) {
+		out := vmtest.Run(t, "taskset", "-c", strconv.Itoa(cpu), "fio", "--name=q", "--filename="+s.dev.Path(), "--direct=1",
+			"--ioengine=io_uring", "--rw=randwrite", "--bs=4k", "--iodepth=4", "--size=4M", fmt.Sprintf("--offset=%d", cpu<<26),
+			"--verify=crc32c", "--do_verify=1")
+		if !strings.Contains(out, "err= 0") {
+			t.Fatalf("fio on CPU %d:\n%s", cpu, out)
+		}
+	}
 }
