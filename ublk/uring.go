@@ -183,9 +183,13 @@ func (r *ring) registerEventfd(fd int) error {
 	return nil
 }
 
-// setNotify turns the registered eventfd's signals on or off. The store is
-// sequentially consistent: a completion posted after it is either seen by a
-// following look at the ring (completions) or signalled.
+// setNotify turns the registered eventfd's signals on or off. The kernel
+// reads the flag as it posts a completion: one posted well after the store
+// is signalled, one posted before it is seen by a following look at the
+// ring (completions). One that races the store may be neither (the kernel
+// puts no full barrier between its post and its read of the flag), so a
+// caller must have another wake-up coming (the queue waits in Go only with
+// requests in flight).
 func (r *ring) setNotify(on bool) {
 	flags := atomic.LoadUint32(r.cqFlags) &^ cqEventfdDisabled
 	if !on {
