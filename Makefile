@@ -86,13 +86,15 @@ interop:
 # The VM tests that run the binary use this build rather than compiling
 # it again in the guest (vm.sh passes ZQ_* variables through).
 # csi-sanity, the CSI conformance suite, from the Go module proxy (built
-# on the host, run against `zq-csi serve` in the VM).
-CSI_SANITY = bin/csi-sanity
-CSI_SANITY_VERSION = v5.4.0
+# on the host, run against `zq-csi serve` in the VM); the file is named
+# after its version, so a new pin builds anew.
+CSI_SANITY = bin/csi-sanity-$(CSI_SANITY_VERSION)
+CSI_SANITY_VERSION = v5.6.0
 
 $(CSI_SANITY):
 	@echo "building csi-sanity $(CSI_SANITY_VERSION) from the Go module proxy into $(CSI_SANITY) (first run only: a few minutes)"
-	GOBIN=$(CURDIR)/bin $(GO) install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$(CSI_SANITY_VERSION)
+	GOBIN=$(CURDIR)/bin/.csi-sanity $(GO) install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$(CSI_SANITY_VERSION)
+	mv bin/.csi-sanity/csi-sanity $@ && rmdir bin/.csi-sanity
 
 e2e: build $(CSI_SANITY)
 	ZQ_CSI_BIN=$(CURDIR)/$(BIN) ZQ_CSI_SANITY_BIN=$(CURDIR)/$(CSI_SANITY) bash $(E2E_SCRIPT) $(E2E_ARGS)

@@ -625,3 +625,66 @@ func TestVolumeConditionFollowsImageAndDevice(t *testing.T) {
 		t.Fatalf("device stopped: %+v", c)
 	}
 }
+
+// The access modes' publish rules: a SINGLE_NODE_SINGLE_WRITER volume is
+// published at one target at a time (FAILED_PRECONDITION for a second, in
+// either order), the other modes at several; republishing the same target is
+// idempotent, and unpublishing the single writer frees the volume.
+func TestNodePublishFollowsTheAccessMode(t *testing.T) {
+	mode := func(m csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
+		return &csi.VolumeCapability{AccessType: blockCap.AccessType, AccessMode: &csi.VolumeCapability_AccessMode{Mode: m}}
+	}
+	single := mode(csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER)
+	multi := mode(csi.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER)
+	writer := mode(csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)
+	for _, tc := range []struct {
+		name          string
+		first, second *csi.VolumeCapability
+		secondOK      bool
+	}{
+		{"single writer, then another target", single, single, false},
+		{"single writer, then a multi-writer publish elsewhere", single, multi, false},
+		{"multi writer, then a single writer elsewhere", multi, single, false},
+		{"multi writer at two targets", multi, multi, true},
+		{"SINGLE_NODE_WRITER at two targets (Kubernetes ReadWriteOnce)", writer, writer, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newTestDriver(t)
+			ctx := context.Background()
+			v := e.create(t, "pvc-m", 12<<20)
+			staging := t.TempDir()
+			if _, err := e.d.NodeStageVolume(ctx, stageReq(v.VolumeId, staging)); err != nil {
+				t.Fatal(err)
+			}
+			publish := func(c *csi.VolumeCapability, target string) error {
+				r := publishReq(v.VolumeId, staging, target)
+				r.VolumeCapability = c
+				_, err := e.d.NodePublishVolume(ctx, r)
+				return err
+			}
+			a, b := filepath.Join(t.TempDir(), "a"), filepath.Join(t.TempDir(), "b")
+			for range 2 { // the same target again is idempotent
+				if err := publish(tc.first, a); err != nil {
+					t.Fatal(err)
+				}
+			}
+			err := publish(tc.second, b)
+			if tc.secondOK {
+				if err != nil {
+					t.Fatalf("second target: %v", err)
+				}
+				return
+			}
+			wantCode(t, err, codes.FailedPrecondition, "single-writer")
+			if mps, _ := e.mounter.List(); len(mps) != 1 || mps[0].Path != a {
+				t.Fatalf("mounts after the refused publish: %+v", mps)
+			}
+			if _, err := e.d.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.VolumeId, TargetPath: a}); err != nil {
+				t.Fatal(err)
+			}
+			if err := publish(tc.second, b); err != nil {
+				t.Fatalf("after the first target was unpublished: %v", err)
+			}
+		})
+	}
+}

@@ -31,6 +31,9 @@ type stagedVolume struct {
 	Device      string   `json:"device"`
 	StagingPath string   `json:"stagingPath"`
 	Targets     []string `json:"targets,omitempty"`
+	// SingleWriter is the target a SINGLE_NODE_SINGLE_WRITER publish holds:
+	// while it does, the volume is published nowhere else.
+	SingleWriter string `json:"singleWriter,omitempty"`
 
 	vol *volume.Volume
 	dev Device
@@ -356,10 +359,22 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if slices.Contains(v.Targets, target) {
 		return &csi.NodePublishVolumeResponse{}, nil
 	}
+	// CSI: a SINGLE_NODE_SINGLE_WRITER volume is published at one target
+	// path at a time; the other modes may be published at several.
+	single := req.GetVolumeCapability().GetAccessMode().GetMode() == csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER
+	switch {
+	case v.SingleWriter != "":
+		return nil, statusf(codes.FailedPrecondition, "NodePublishVolume %s: published single-writer at %s", id, v.SingleWriter)
+	case single && len(v.Targets) > 0:
+		return nil, statusf(codes.FailedPrecondition, "NodePublishVolume %s: a single-writer publish, but the volume is published at %s", id, strings.Join(v.Targets, ", "))
+	}
 	if err := publishDevice(d.node.mounter, v.Device, target, req.GetReadonly()); err != nil {
 		return nil, statusf(codes.Internal, "NodePublishVolume %s: %v", id, err)
 	}
 	v.Targets = append(v.Targets, target)
+	if single {
+		v.SingleWriter = target
+	}
 	if err := d.node.put(v); err != nil {
 		return nil, statusf(codes.Internal, "NodePublishVolume %s: %v", id, err)
 	}
@@ -416,6 +431,9 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if v := d.node.get(id); v != nil {
 		if i := slices.Index(v.Targets, target); i >= 0 {
 			v.Targets = slices.Delete(v.Targets, i, i+1)
+			if v.SingleWriter == target {
+				v.SingleWriter = ""
+			}
 			if err := d.node.put(v); err != nil {
 				return nil, statusf(codes.Internal, "NodeUnpublishVolume %s: %v", id, err)
 			}
