@@ -31,9 +31,9 @@ mkdir -p "$BIN"
 
 log() { echo "kube-tools: $*" >&2; }
 
-# building N/M WHAT CMD...: run a build step that takes minutes, saying
-# which one it is, that it is still going (every minute) and how long it
-# took.
+# building WHAT CMD...: run CMD, a build step that can take minutes, saying
+# which one it is and its place (N/M), that it is still going (every
+# minute) and how long it took.
 building() {
 	local what=$1 start=$SECONDS beat rc=0
 	shift
