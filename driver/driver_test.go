@@ -120,6 +120,16 @@ func (e *testEnv) create(t *testing.T, name string, size int64) *csi.Volume {
 	return r.Volume
 }
 
+// stage stages volume id in a new staging directory, which it returns.
+func (e *testEnv) stage(t *testing.T, id string) string {
+	t.Helper()
+	staging := t.TempDir()
+	if _, err := e.d.NodeStageVolume(context.Background(), stageReq(id, staging)); err != nil {
+		t.Fatal(err)
+	}
+	return staging
+}
+
 func wantCode(t *testing.T, err error, c codes.Code, contains string) {
 	t.Helper()
 	if status.Code(err) != c || !strings.Contains(status.Convert(err).Message(), contains) {
@@ -523,10 +533,7 @@ func TestPublishRefusesASymlinkTarget(t *testing.T) {
 	e := newTestDriver(t)
 	ctx := context.Background()
 	v := e.create(t, "pvc-s", 8<<20)
-	staging := t.TempDir()
-	if _, err := e.d.NodeStageVolume(ctx, stageReq(v.VolumeId, staging)); err != nil {
-		t.Fatal(err)
-	}
+	staging := e.stage(t, v.VolumeId)
 	dir := t.TempDir()
 	victim := filepath.Join(dir, "victim")
 	if err := os.WriteFile(victim, []byte("keep"), 0o600); err != nil {
@@ -595,10 +602,7 @@ func TestVolumeConditionFollowsImageAndDevice(t *testing.T) {
 	e := newTestDriver(t)
 	ctx := context.Background()
 	v := e.create(t, "pvc-h", 8<<20)
-	staging := t.TempDir()
-	if _, err := e.d.NodeStageVolume(ctx, stageReq(v.VolumeId, staging)); err != nil {
-		t.Fatal(err)
-	}
+	staging := e.stage(t, v.VolumeId)
 	stats := func() *csi.VolumeCondition {
 		t.Helper()
 		r, err := e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: v.VolumeId, VolumePath: staging})
@@ -652,10 +656,7 @@ func TestNodePublishFollowsTheAccessMode(t *testing.T) {
 			e := newTestDriver(t)
 			ctx := context.Background()
 			v := e.create(t, "pvc-m", 12<<20)
-			staging := t.TempDir()
-			if _, err := e.d.NodeStageVolume(ctx, stageReq(v.VolumeId, staging)); err != nil {
-				t.Fatal(err)
-			}
+			staging := e.stage(t, v.VolumeId)
 			publish := func(c *csi.VolumeCapability, target string) error {
 				r := publishReq(v.VolumeId, staging, target)
 				r.VolumeCapability = c

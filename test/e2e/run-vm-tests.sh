@@ -88,8 +88,10 @@ echo "# boot + command + poweroff: ${boot_s}s"
 # The limits below follow this machine's speed, measured by the boot above:
 # on a busy machine a guest takes several times as long to boot, and a fixed
 # limit would fail the harness rather than catch a hang.
-hang_limit=$(awk -v b="$boot_s" 'BEGIN { l = int(3 * b) + 1; print (l < 15 ? 15 : l) }')
-setup_limit=$(awk -v b="$boot_s" 'BEGIN { l = int(10 * b) + 1; print (l < 120 ? 120 : l) }')
+# boots N MIN: N times the boot above, in whole seconds, at least MIN.
+boots() { awk -v b="$boot_s" -v n="$1" -v m="$2" 'BEGIN { l = int(n * b) + 1; print (l < m ? m : l) }'; }
+hang_limit=$(boots 3 15)
+setup_limit=$(boots 10 120)
 echo "# harness: a hung guest is killed by ZQ_VM_TIMEOUT (${hang_limit}s: 3 boots, at least 15s)"
 t=$EPOCHREALTIME
 rc=0
@@ -142,7 +144,7 @@ t=$EPOCHREALTIME
 rc=0
 # One guest runs every package (about 2.5 minutes on a quiet machine):
 # its limit follows the machine's speed too, unless ZQ_VM_TIMEOUT is set.
-go_limit=${ZQ_VM_TIMEOUT:-$(awk -v b="$boot_s" 'BEGIN { l = int(100 * b); print (l < 900 ? 900 : l) }')}
+go_limit=${ZQ_VM_TIMEOUT:-$(boots 100 900)}
 ZQ_VM_TIMEOUT=$go_limit "$E2E_DIR/vm-go-test.sh" ./... 2>&1 | tee "$SCRATCH/out" | sed 's/^/  /' || rc=$?
 expect "vm-go-test.sh ./... exit status ($(elapsed "$t")s)" 0 "$rc"
 if grep -q '^ok	github.com/zq-csi/zq-csi/test/e2e	' "$SCRATCH/out"; then
