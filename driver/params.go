@@ -95,7 +95,8 @@ func ParseParameters(params map[string]string) (VolumeParams, error) {
 
 // zones is the geometry the parameters ask for, without a size, with its
 // size-independent rules checked: zone.size a power of two of at least 512
-// bytes, zone.capacity and zone.max_append_bytes fitting it.
+// bytes (Linux's rule), zone.capacity and zone.max_append_bytes (a multiple
+// of 512) fitting it.
 func (p VolumeParams) zones() (zoned.Geometry, error) {
 	g, err := p.Spec.Geometry()
 	if err != nil {
@@ -109,6 +110,16 @@ func (p VolumeParams) zones() (zoned.Geometry, error) {
 	probe := zoned.Geometry{Size: zoned.SectorSize, ZoneSize: g.ZoneSize, ZoneCapacity: g.ZoneCapacity, MaxAppendBytes: g.MaxAppendBytes}
 	if _, _, err := probe.Normalize(); err != nil {
 		return zoned.Geometry{}, fmt.Errorf("%w: %w", ErrInvalidParameter, err)
+	}
+	// The volume is attached to the node's kernel, and the driver makes
+	// the image itself: no geometry only an image handed over by a QEMU
+	// user has (docs/qcow2-zoned.md section 8).
+	if err := probe.CheckLinux(); err != nil {
+		return zoned.Geometry{}, fmt.Errorf("%w: %w", ErrInvalidParameter, err)
+	}
+	if g.MaxAppendBytes%zoned.SectorSize != 0 {
+		return zoned.Geometry{}, fmt.Errorf("%w: zone.max_append_bytes %d: must be a multiple of %d",
+			ErrInvalidParameter, g.MaxAppendBytes, zoned.SectorSize)
 	}
 	if g.MaxOpenZones > 0 && g.MaxActiveZones > 0 && g.MaxOpenZones > g.MaxActiveZones {
 		return zoned.Geometry{}, fmt.Errorf("%w: zone.max_open_zones %d > zone.max_active_zones %d: open zones are active zones",

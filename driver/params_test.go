@@ -19,7 +19,7 @@ const (
 	tib = int64(1) << 40
 )
 
-// geom is a geometry with the defaults of spec section 4 for what is not
+// geom is a geometry with the defaults of docs/qcow2-zoned.md section 4 for what is not
 // given: zone.capacity = zone.size, zone.max_append_bytes 64k.
 func geom(size, zoneSize int64, fields ...func(*zoned.Geometry)) zoned.Geometry {
 	g := zoned.Geometry{Size: size, ZoneSize: zoneSize, ZoneCapacity: zoneSize, MaxAppendBytes: 64 * kib}
@@ -143,9 +143,9 @@ func TestParametersAndSize(t *testing.T) {
 		{name: "zone.size decimal mega is not a unit", params: map[string]string{"zone.size": "64e6"},
 			err: ErrInvalidParameter, errText: []string{"option zone.size", "invalid size"}},
 		{name: "zone.size 0", params: map[string]string{"zone.size": "0"},
-			err: ErrInvalidParameter, errText: []string{"zone.size 0: must be positive"}},
+			err: ErrInvalidParameter, errText: []string{"zone.size 0: must be a positive multiple of 512"}},
 		{name: "zone.size not a power of two", params: map[string]string{"zone.size": "3M"},
-			err: ErrInvalidParameter, errText: []string{"zone.size 3145728: must be a power of two"}},
+			err: ErrInvalidParameter, errText: []string{"zone.size 3145728 is not a power of two"}},
 		{name: "zone.capacity not a multiple of 512", params: map[string]string{"zone.capacity": "1000"},
 			err: ErrInvalidParameter, errText: []string{"zone.capacity 1000: must be a positive multiple of 512"}},
 		{name: "zone.capacity above zone.size", params: map[string]string{"zone.size": "64M", "zone.capacity": "65M"},
@@ -159,7 +159,7 @@ func TestParametersAndSize(t *testing.T) {
 		{name: "zone.max_active_zones bad hex", params: map[string]string{"zone.max_active_zones": "0x"},
 			err: ErrInvalidParameter, errText: []string{"option zone.max_active_zones", `invalid number "0x"`}},
 		{name: "zone.max_append_bytes not a multiple of 512", params: map[string]string{"zone.max_append_bytes": "1000"},
-			err: ErrInvalidParameter, errText: []string{"zone.max_append_bytes 1000: must be a positive multiple of 512"}},
+			err: ErrInvalidParameter, errText: []string{"zone.max_append_bytes 1000: must be a multiple of 512"}},
 		{name: "zone.max_append_bytes too big for the capacity", params: map[string]string{"zone.size": "64M", "zone.max_append_bytes": "64M"},
 			err: ErrInvalidParameter, errText: []string{"zone.max_append_bytes 67108864: must be smaller than zone.capacity 67108864"}},
 		{name: "zone.max_append_bytes above 32 bits", params: map[string]string{"zone.size": "8G", "zone.max_append_bytes": "4G"},

@@ -71,6 +71,12 @@ type OpenOptions struct {
 	// behaviour as JournalDir. Empty storage is no journal. The image owns
 	// it once open; Close truncates it to nothing.
 	Journal Storage
+	// ForCheck opens the image to check or repair it, as qemu-img check
+	// does: a write-pointer table that cannot be read (out of the file,
+	// entries outside their zones) does not fail the open. Check then
+	// reports it as a corruption and a repairing Check rebuilds it;
+	// until then WritePointers and SetWritePointer fail with the reason.
+	ForCheck bool
 	// BootID, if set, replaces the kernel's boot id
 	// (/proc/sys/kernel/random/boot_id) that a journal is scoped to: a
 	// UUID. For tests that model a reboot.
@@ -124,6 +130,9 @@ type CheckResult struct {
 	LeakedClusters int64 `json:"leaks-count"`
 	// Repaired counts the refcounts rewritten by a repairing check.
 	Repaired int64 `json:"repaired"`
+	// Rebuilt says what metadata a repairing check made anew, one line
+	// per table (the write-pointer table).
+	Rebuilt []string `json:"rebuilt,omitempty"`
 	// AllocatedClusters and TotalClusters describe guest clusters: how many
 	// are backed by data in the file, out of how many the disk has.
 	AllocatedClusters int64 `json:"allocated-clusters"`

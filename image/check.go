@@ -2,6 +2,8 @@ package image
 
 import (
 	"fmt"
+	"math/bits"
+	"slices"
 )
 
 // maxReported bounds the messages of one kind a check returns; a badly
@@ -28,7 +30,12 @@ func (img *Image) Check(repair bool) (*CheckResult, error) {
 		return nil, fmt.Errorf("checking images with internal snapshots: %w", ErrUnsupported)
 	}
 	var repaired int64
+	var rebuilt []string
 	if repair {
+		var err error
+		if rebuilt, err = img.rebuildLocked(); err != nil {
+			return nil, err
+		}
 		n, err := img.repairLocked()
 		if err != nil {
 			return nil, err
@@ -44,8 +51,117 @@ func (img *Image) Check(repair bool) (*CheckResult, error) {
 	if err := img.compareRefcounts(res, refs); err != nil {
 		return nil, err
 	}
-	res.Repaired = repaired
+	res.Repaired, res.Rebuilt = repaired, rebuilt
 	return res, nil
+}
+
+// rebuildLocked makes anew the metadata a refcount repair cannot fix: the
+// write-pointer table, when it cannot be read, flags zones wrongly, or
+// shares a cluster with other metadata or data. It says what it rebuilt.
+func (img *Image) rebuildLocked() ([]string, error) {
+	if img.zones == nil {
+		return nil, nil
+	}
+	if err := img.settle(); err != nil {
+		return nil, err
+	}
+	_, refs, err := img.count()
+	if err != nil {
+		return nil, err
+	}
+	z := img.zones
+	shared := false
+	if img.wpDamage == nil {
+		cs := int64(img.clusterSize)
+		for c := int64(z.metaOffset) / cs; c <= (int64(z.metaOffset+z.metaSize)-1)/cs; c++ {
+			shared = shared || refs[c] > 1
+		}
+	}
+	if img.wpDamage == nil && !shared && len(img.writePointerProblems()) == 0 {
+		return nil, nil
+	}
+	from := "the write pointers it held"
+	wps := img.writePointers
+	if img.wpDamage != nil || shared {
+		// What the table held is lost or is another table's or data's
+		// bytes. The end of each zone's data is a safe write pointer: no
+		// write can land on data below it, and none of it reads as zeros.
+		from = "the data: each sequential zone's write pointer at the end of its last allocated cluster"
+		if wps, err = img.dataEnds(); err != nil {
+			return nil, err
+		}
+	}
+	off, err := img.writeNewWritePointerTable(refs, wps)
+	if err != nil {
+		return nil, err
+	}
+	return []string{fmt.Sprintf("write-pointer table rebuilt at %#x from %s", off, from)}, nil
+}
+
+// dataEnds is, per zone, the end of the last cluster (or subcluster) in it
+// that reads data from the file, capped at the zone's capacity; a zone
+// without data gets its start. Conventional zones get their start, as the
+// table records them.
+func (img *Image) dataEnds() ([]int64, error) {
+	z := img.zones
+	ends := z.emptyPointers(0, int(z.NrZones))
+	var corrupt []string
+	err := img.walkL2(func(l1i int64, t *table) {
+		for l2i := range img.l2Entries {
+			e := img.l2Get(t, l2i)
+			compressed := e.std&flagCompressed != 0
+			if !compressed && (e.std&offsetMask == 0 || !img.readsData(e)) {
+				continue
+			}
+			lo := (l1i*img.l2Entries + l2i) * img.clusterSize
+			hi := lo + img.clusterSize
+			if img.extendedL2 && !compressed {
+				hi = lo + int64(bits.Len32(uint32(e.bitmap&allAllocated)))*img.subclusterSize
+			}
+			hi = min(hi, img.size)
+			for i := int(lo / z.ZoneSize); i < int(z.NrZones) && int64(i)*z.ZoneSize < hi; i++ {
+				if uint32(i) < z.ConventionalZones {
+					continue
+				}
+				start := int64(i) * z.ZoneSize
+				capEnd := start + min(z.ZoneCapacity, img.size-start)
+				ends[i] = max(ends[i], min(hi, capEnd))
+			}
+		}
+	}, &report{msgs: &corrupt})
+	return ends, err
+}
+
+// writeNewWritePointerTable writes a table of wps to newly allocated
+// clusters past every cluster refs counts as in use, and switches the
+// header to it once it is durable. The old clusters are left to the
+// refcount repair that follows.
+func (img *Image) writeNewWritePointerTable(refs []uint32, wps []int64) (int64, error) {
+	img.repairRefs = refs
+	savedHint := img.freeHint
+	img.freeHint = int64(len(refs))
+	defer func() { img.repairRefs, img.freeHint = nil, min(savedHint, img.freeHint) }()
+
+	nz := *img.zones
+	t := &grownTable{what: "write-pointer table", data: make([]byte, nz.metaSize)}
+	nz.putEntries(t.data, 0, wps)
+	if err := img.place(t); err != nil {
+		return 0, err
+	}
+	if err := img.writeback(); err != nil {
+		return 0, err
+	}
+	nz.metaOffset = uint64(t.off)
+	nh := *img.hdr
+	nh.extensions = slices.Clone(img.hdr.extensions)
+	i := slices.IndexFunc(nh.extensions, func(e extension) bool { return e.typ == extZoned })
+	nh.extensions[i].data = nz.encode()
+	if err := img.switchHeader(&nh); err != nil {
+		return 0, err
+	}
+	*img.zones = nz
+	img.writePointers, img.wpDamage, img.wpDirtyLo = wps, nil, -1
+	return t.off, nil
 }
 
 // settle writes everything back, including the refcounts of clusters freed

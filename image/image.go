@@ -72,6 +72,10 @@ type Image struct {
 	writePointers []int64
 	wpDirtyLo     int
 	wpDirtyHi     int
+	// wpDamage, set only by a ForCheck open, is why the write-pointer
+	// table could not be read; writePointers is nil until a repairing
+	// Check rebuilds the table.
+	wpDamage error
 
 	// journal, for a read-write image opened with one, records the
 	// metadata each call dirties (see journal.go); journalReplayed is the
@@ -201,7 +205,7 @@ func openImage(s Storage, opts OpenOptions) (*Image, error) {
 	}
 	img.refTable = decodeTable(rt)
 	img.highWater = (fileSize + cs - 1) / cs
-	if err := img.loadZones(); err != nil {
+	if err := img.loadZones(opts.ForCheck); err != nil {
 		return nil, err
 	}
 	return img, nil

@@ -479,6 +479,9 @@ func (img *Image) applyRecord(r journalRecord, cs int64) error {
 	case recL1:
 		img.setL1((r.off-int64(img.hdr.l1TableOffset))/8, r.value)
 	case recWritePointer:
+		if img.wpDamage != nil {
+			return nil // a ForCheck open: the repair rebuilds the table from the data
+		}
 		i := int((r.off - int64(img.zones.metaOffset)) / 8)
 		img.markWritePointer(i, int64(bits.ReverseBytes64(r.value)&^wpFlags))
 	}

@@ -84,7 +84,7 @@ func TestJournalKeepsAcknowledgedWritesAcrossProcessDeath(t *testing.T) {
 			opts := OpenOptions{CacheSize: c.cache, Journal: j, BootID: bootA}
 			img := openMem(t, s, opts)
 			model := make([]byte, c.create.Size)
-			wps := img.WritePointers()
+			wps := mustWritePointers(t, img)
 			r := rand.New(rand.NewPCG(uint64(i), 7))
 			cs := int64(c.create.ClusterSize)
 			var log []string
@@ -124,7 +124,7 @@ func TestJournalKeepsAcknowledgedWritesAcrossProcessDeath(t *testing.T) {
 				img = openMem(t, s, opts)
 				replayed += img.Info().JournalReplayed
 				mustMatch(t, img, model)
-				if got := img.WritePointers(); fmt.Sprint(got) != fmt.Sprint(wps) {
+				if got := mustWritePointers(t, img); fmt.Sprint(got) != fmt.Sprint(wps) {
 					t.Fatalf("after kill %d: write pointers %v, want %v\nops: %q", kills, got, wps, log)
 				}
 				mustCheckClean(t, img)
@@ -438,7 +438,7 @@ func FuzzJournalReplay(f *testing.F) {
 		s, j := newMemStorage(base.bytes()), newMemStorage(nil)
 		img := openMem(f, s, OpenOptions{Journal: j, BootID: bootA})
 		model := make([]byte, img.Size())
-		wps := img.WritePointers()
+		wps := mustWritePointers(f, img)
 		r := rand.New(rand.NewPCG(seed, 9))
 		for range 6 {
 			applyRandomOp(f, r, img, model, 4096)

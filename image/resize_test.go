@@ -195,7 +195,7 @@ func TestGrowZonedImageAddsEmptyZones(t *testing.T) {
 				if z, ok := img.Zones(); !ok || z != want {
 					t.Fatalf("zones %+v, want %+v", z, want)
 				}
-				if got := img.WritePointers(); fmt.Sprint(got) != fmt.Sprint(wantWPs) {
+				if got := mustWritePointers(t, img); fmt.Sprint(got) != fmt.Sprint(wantWPs) {
 					t.Fatalf("write pointers %#x, want %#x", got, wantWPs)
 				}
 				mustHold(t, img, newSize, ws)
@@ -357,7 +357,7 @@ func growWithCut(t *testing.T, create CreateOptions, unknownFirst int, add int64
 	if err := img.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	wps = img.WritePointers()
+	wps = mustWritePointers(t, img)
 	s.mu.Lock()
 	s.cutAt, s.calls, s.cutRand = cut, 0, rand.New(rand.NewPCG(uint64(cut), seed))
 	s.mu.Unlock()
@@ -384,7 +384,7 @@ func growWithCut(t *testing.T, create CreateOptions, unknownFirst int, add int64
 		if int64(z.NrZones)*z.ZoneSize != got {
 			t.Fatalf("%s: %d zones of %d bytes on a %d-byte disk", what, z.NrZones, z.ZoneSize, got)
 		}
-		for i, wp := range crashed.WritePointers() {
+		for i, wp := range mustWritePointers(t, crashed) {
 			want := int64(i) * z.ZoneSize
 			if i < len(wps) {
 				want = wps[i]
@@ -480,7 +480,7 @@ func TestGrowWaitsForAndBlocksOtherCalls(t *testing.T) {
 					}
 				case 2:
 					z, _ := img.Zones()
-					if n := len(img.WritePointers()); n < int(z.NrZones) || (n != oldZones && n != newZones) {
+					if n := len(mustWritePointers(t, img)); n < int(z.NrZones) || (n != oldZones && n != newZones) {
 						err = fmt.Errorf("%d write pointers, %d zones", n, z.NrZones)
 					}
 				case 3:

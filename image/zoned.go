@@ -2,10 +2,11 @@ package image
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 )
 
-// The zoned extension (spec/qcow2-zoned.md): incompatible bit 5, a header
+// The zoned extension (docs/qcow2-zoned.md): incompatible bit 5, a header
 // extension with the zone geometry, and a table of one write pointer per
 // zone. This file knows their bytes; what a write pointer allows is package
 // zoned's business.
@@ -94,6 +95,14 @@ func (z *zonedExt) encode() []byte {
 // validate checks the extension against the header: the format's own
 // consistency, not the zone model's limits.
 func (z *zonedExt) validate(h *header, fileSize int64) error {
+	if err := z.validateGeometry(h); err != nil {
+		return err
+	}
+	return z.validateTablePlace(h, fileSize)
+}
+
+// validateGeometry checks the zones the extension describes.
+func (z *zonedExt) validateGeometry(h *header) error {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("zoned header extension: "+format+": %w", append(args, ErrCorrupt)...)
 	}
@@ -113,17 +122,20 @@ func (z *zonedExt) validate(h *header, fileSize int64) error {
 	if z.metaSize != 8*uint64(z.NrZones) {
 		return bad("zonedmeta_size %d, want 8 * nr_zones = %d", z.metaSize, 8*uint64(z.NrZones))
 	}
-	if err := h.checkTable("write-pointer table", z.metaOffset, z.metaSize, uint64(fileSize)); err != nil {
-		return err
-	}
-	if z.metaOffset == 0 {
-		return bad("zonedmeta_offset is 0")
-	}
 	return nil
 }
 
+// validateTablePlace checks where the write-pointer table lies: the part of
+// the extension a repair can make anew, unlike the geometry.
+func (z *zonedExt) validateTablePlace(h *header, fileSize int64) error {
+	if z.metaOffset == 0 {
+		return fmt.Errorf("zoned header extension: zonedmeta_offset is 0: %w", ErrCorrupt)
+	}
+	return h.checkTable("write-pointer table", z.metaOffset, z.metaSize, uint64(fileSize))
+}
+
 // decodeWritePointers reads the write-pointer table in whichever byte order
-// makes every entry lie inside its zone (spec section 3): QEMU writes the
+// makes every entry lie inside its zone (docs/qcow2-zoned.md section 3): QEMU writes the
 // host's order, so both occur. It returns the pointers with the flags masked
 // off and whether the table was big-endian.
 func (z *zonedExt) decodeWritePointers(raw []byte) ([]int64, bool, error) {
@@ -161,7 +173,8 @@ func (z *zonedExt) wpEntry(i int, wp int64) uint64 {
 }
 
 // loadZones reads the zoned extension and its table, if the image has one.
-func (img *Image) loadZones() error {
+// forCheck keeps an unreadable table from failing the open (OpenOptions).
+func (img *Image) loadZones(forCheck bool) error {
 	h := img.hdr
 	var ext *extension
 	for i := range h.extensions {
@@ -186,16 +199,13 @@ func (img *Image) loadZones() error {
 	if err != nil {
 		return err
 	}
-	if err := z.validate(h, size); err != nil {
-		return err
-	}
-	raw := make([]byte, z.metaSize)
-	if err := readTable(img.file, raw, int64(z.metaOffset), "write-pointer table"); err != nil {
-		return err
-	}
-	wps, bigEndian, err := z.decodeWritePointers(raw)
+	wps, bigEndian, err := z.readWritePointers(img.file, h, size)
 	if err != nil {
-		return err
+		if !forCheck || !errors.Is(err, errTableDamaged) {
+			return err
+		}
+		img.zones, img.wpDamage, img.wpDirtyLo = z, err, -1
+		return nil
 	}
 	img.zones, img.writePointers = z, wps
 	img.wpDirtyLo = -1
@@ -205,6 +215,31 @@ func (img *Image) loadZones() error {
 		img.wpDirtyLo, img.wpDirtyHi = 0, len(wps)
 	}
 	return nil
+}
+
+// errTableDamaged marks the errors of readWritePointers that a rebuild of
+// the write-pointer table cures; the geometry's errors are not among them.
+var errTableDamaged = errors.New("write-pointer table unreadable")
+
+// readWritePointers validates the extension against the header and reads
+// its table. Errors about the table alone (where it lies, what it holds)
+// also wrap errTableDamaged.
+func (z *zonedExt) readWritePointers(s Storage, h *header, fileSize int64) ([]int64, bool, error) {
+	if err := z.validateGeometry(h); err != nil {
+		return nil, false, err
+	}
+	if err := z.validateTablePlace(h, fileSize); err != nil {
+		return nil, false, fmt.Errorf("%w (%w)", err, errTableDamaged)
+	}
+	raw := make([]byte, z.metaSize)
+	if err := readTable(s, raw, int64(z.metaOffset), "write-pointer table"); err != nil {
+		return nil, false, fmt.Errorf("%w (%w)", err, errTableDamaged)
+	}
+	wps, bigEndian, err := z.decodeWritePointers(raw)
+	if err != nil {
+		return nil, false, fmt.Errorf("%w (%w)", err, errTableDamaged)
+	}
+	return wps, bigEndian, nil
 }
 
 // Zones returns the zone geometry of a zoned image; ok is false for a plain
@@ -219,11 +254,15 @@ func (img *Image) Zones() (z Zones, ok bool) {
 }
 
 // WritePointers returns the write pointers as loaded from the table or last
-// set, as absolute byte offsets (conventional zones: their start).
-func (img *Image) WritePointers() []int64 {
+// set, as absolute byte offsets (conventional zones: their start). It fails
+// only on an image opened ForCheck whose table could not be read.
+func (img *Image) WritePointers() ([]int64, error) {
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	return append([]int64(nil), img.writePointers...)
+	if img.wpDamage != nil {
+		return nil, img.wpDamage
+	}
+	return append([]int64(nil), img.writePointers...), nil
 }
 
 // SetWritePointer records zone's write pointer. It is an in-memory update
@@ -238,6 +277,10 @@ func (img *Image) SetWritePointer(zone int, wp int64) error {
 		return fmt.Errorf("set write pointer: %w", ErrReadOnly)
 	}
 	img.mu.Lock() // Grow adds zones
+	if img.wpDamage != nil {
+		img.mu.Unlock()
+		return fmt.Errorf("set write pointer: %w", img.wpDamage)
+	}
 	if zone < 0 || zone >= len(img.writePointers) {
 		n := len(img.writePointers)
 		img.mu.Unlock()
@@ -270,7 +313,7 @@ func (img *Image) markWritePointer(zone int, wp int64) {
 }
 
 // writeWritePointers writes the dirty span of the table and syncs. Flush
-// calls it once the data and metadata are durable (spec section 6).
+// calls it once the data and metadata are durable (docs/qcow2-zoned.md section 6).
 func (img *Image) writeWritePointers() error {
 	if img.zones == nil || img.wpDirtyLo < 0 {
 		return nil
@@ -315,34 +358,63 @@ func (z *zonedExt) putEntries(buf []byte, lo int, wps []int64) {
 }
 
 // checkZones counts the write-pointer table's clusters as referenced and
-// checks its entries: inside their zones, flagged conventional exactly where
-// the zone is.
+// reports what is wrong with its entries.
 func (img *Image) checkZones(ref func(off, length int64, what string) bool, corrupt *report) {
 	z := img.zones
 	if z == nil {
 		return
 	}
-	ref(int64(z.metaOffset), int64(z.metaSize), "write-pointer table")
-	raw := make([]byte, z.metaSize)
-	if err := readTable(img.file, raw, int64(z.metaOffset), "write-pointer table"); err != nil {
-		corrupt.add("%v", err)
-		return
+	if img.hdr.checkTable("write-pointer table", z.metaOffset, z.metaSize, uint64(img.highWater*img.clusterSize)) == nil {
+		ref(int64(z.metaOffset), int64(z.metaSize), "write-pointer table")
+	}
+	for _, p := range img.writePointerProblems() {
+		corrupt.add("%s", p)
+	}
+}
+
+// writePointerProblems lists what is wrong with the write-pointer table on
+// disk: unreadable, or entries outside their zones, or a conventional flag
+// where the zone is not conventional (or none where it is).
+func (img *Image) writePointerProblems() []string {
+	z := img.zones
+	raw, err := img.readWritePointerTable()
+	if err != nil {
+		return []string{err.Error()}
 	}
 	_, bigEndian, err := z.decodeWritePointers(raw)
 	if err != nil {
-		corrupt.add("%v", err)
-		return
+		return []string{err.Error()}
 	}
 	var order binary.ByteOrder = binary.LittleEndian
 	if bigEndian {
 		order = binary.BigEndian
 	}
+	var problems []string
 	for i := range int(z.NrZones) {
 		e := order.Uint64(raw[i*8:])
 		conventional := uint32(i) < z.ConventionalZones
 		if (e&wpConventional != 0) != conventional {
-			corrupt.add("write-pointer table: zone %d entry %#x: conventional bit %v, but the zone is %s",
-				i, e, e&wpConventional != 0, map[bool]string{true: "conventional", false: "sequential"}[conventional])
+			problems = append(problems, fmt.Sprintf("write-pointer table: zone %d entry %#x: conventional bit %v, but the zone is %s",
+				i, e, e&wpConventional != 0, map[bool]string{true: "conventional", false: "sequential"}[conventional]))
 		}
 	}
+	return problems
+}
+
+// readWritePointerTable reads the table's bytes from where the extension
+// says it lies.
+func (img *Image) readWritePointerTable() ([]byte, error) {
+	z := img.zones
+	size, err := img.file.Size()
+	if err != nil {
+		return nil, err
+	}
+	if err := z.validateTablePlace(img.hdr, max(size, img.highWater*img.clusterSize)); err != nil {
+		return nil, err
+	}
+	raw := make([]byte, z.metaSize)
+	if err := readTable(img.file, raw, int64(z.metaOffset), "write-pointer table"); err != nil {
+		return nil, err
+	}
+	return raw, nil
 }

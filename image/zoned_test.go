@@ -32,7 +32,7 @@ func TestSharedVectorsOpenInBothByteOrders(t *testing.T) {
 			if !ok || z != want {
 				t.Fatalf("zones = %+v, %v; want %+v", z, ok, want)
 			}
-			for i, wp := range img.WritePointers() {
+			for i, wp := range mustWritePointers(t, img) {
 				if wp != int64(i)*(16<<20) {
 					t.Errorf("zone %d: write pointer %#x, want its start %#x", i, wp, int64(i)*(16<<20))
 				}
@@ -183,7 +183,7 @@ func TestWritePointersPersistAndBigEndianTablesAreRewritten(t *testing.T) {
 		t.Fatalf("write pointer outside its zone: err = %v", err)
 	}
 	img = reopen(t, img, s, OpenOptions{})
-	wps := img.WritePointers()
+	wps := mustWritePointers(t, img)
 	if wps[5] != 5*(4<<20)+4096 || wps[6] != 6*(4<<20) {
 		t.Fatalf("write pointers after reopen: zone 5 %#x, zone 6 %#x", wps[5], wps[6])
 	}
@@ -244,7 +244,7 @@ func zoneWorkload(t *testing.T, seed uint64, clusterSize, cutAt int) ([]byte, in
 			img.SetWritePointer(zone, wp[zone])
 		case k < 8:
 			// Reset: the pointer goes back and is durable before the
-			// clusters are freed (spec section 6), as package zoned does.
+			// clusters are freed (docs/qcow2-zoned.md section 6), as package zoned does.
 			wp[zone] = int64(zone) * zs
 			img.SetWritePointer(zone, wp[zone])
 			if img.Flush() != nil || img.WriteZeroes(int64(zone)*zs, zs, true) != nil {
@@ -277,7 +277,7 @@ func checkCrashed(t *testing.T, crashed []byte, what string) {
 	if res, err := img.Check(false); err != nil || len(res.Corruptions) > 0 {
 		t.Fatalf("%s: check: %v %q", what, err, res.Corruptions)
 	}
-	for zone, w := range img.WritePointers()[2:] {
+	for zone, w := range mustWritePointers(t, img)[2:] {
 		zone += 2
 		start := int64(zone) * workloadZoneSize
 		got := make([]byte, w-start)
@@ -345,4 +345,14 @@ func TestCheckCountsTheTableAndPlainQemuSeesOnlyItAsLeaked(t *testing.T) {
 	if err != nil || strings.Contains(string(out), "fail") {
 		t.Fatalf("qemu-io read of zone data: %v %s", err, out)
 	}
+}
+
+// mustWritePointers is img's write pointers; an error fails the test.
+func mustWritePointers(t testing.TB, img *Image) []int64 {
+	t.Helper()
+	wps, err := img.WritePointers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return wps
 }

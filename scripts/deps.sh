@@ -9,8 +9,9 @@ set -euo pipefail
 
 # qemu-utils: qemu-img/qemu-io/qemu-nbd (interop tier); libnbd-bin: nbdinfo/nbdcopy;
 # fio: workloads; gcc and libc6-dev: cgo, which `go test -race` needs;
-# ca-certificates and git: Go module downloads.
-pkgs=(qemu-utils libnbd-bin fio gcc libc6-dev ca-certificates git)
+# ca-certificates and git: Go module downloads; xz-utils: the QEMU-made
+# test vectors (shared/testdata/qemu/*.qcow2.xz).
+pkgs=(qemu-utils libnbd-bin fio gcc libc6-dev ca-certificates git xz-utils)
 # shellcheck disable=SC2206
 pkgs+=(${ZQ_EXTRA_PKGS:-})
 

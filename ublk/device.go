@@ -163,8 +163,9 @@ func params(b volume.Backend, opts *Options) (Params, error) {
 	}
 	g := opts.Zones.Geometry()
 	zs := g.ZoneSize / 512
-	// The zone size is a power of two already (the format requires it, as
-	// Linux does).
+	if err := g.CheckLinux(); err != nil {
+		return Params{}, fmt.Errorf("%w; attach with --backend nbd (a plain disk, zones kept by zq-csi): %w", err, ErrGeometry)
+	}
 	switch {
 	case zs > 1<<31:
 		return Params{}, fmt.Errorf("zone size %d bytes is larger than ublk's 1 TiB limit; attach with --backend nbd: %w", g.ZoneSize, ErrGeometry)

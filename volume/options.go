@@ -2,7 +2,7 @@ package volume
 
 // The options of a new image, as `zq-csi image create -o key=value` and the
 // CSI driver's StorageClass parameters both take them: qemu-img's qcow2
-// option names and values (spec section 4 for the zone.* keys), with sizes
+// option names and values (docs/qcow2-zoned.md section 4 for the zone.* keys), with sizes
 // in qemu's syntax plus the IEC and Kubernetes binary forms.
 
 import (
@@ -193,8 +193,8 @@ type createOption struct {
 	set func(s *CreateSpec, v string) error
 	// show returns the value printed in the "Formatting" line, in table
 	// order; ok false leaves the key out. given says whether the key was
-	// set, zones is the geometry the image gets (nil for a plain image).
-	show func(s *CreateSpec, given bool, zones *zoned.Geometry) (v string, ok bool)
+	// set.
+	show func(s *CreateSpec, given bool) (v string, ok bool)
 }
 
 // createOptions is in the order qemu-img prints the "Formatting" line.
@@ -213,7 +213,7 @@ var createOptions = []createOption{
 			s.opts.ClusterSize = int(n)
 			return nil
 		},
-		show: func(s *CreateSpec, _ bool, _ *zoned.Geometry) (string, bool) {
+		show: func(s *CreateSpec, _ bool) (string, bool) {
 			return fmt.Sprint(orDefault(s.opts.ClusterSize, image.DefaultClusterSize)), true
 		},
 	},
@@ -245,7 +245,7 @@ var createOptions = []createOption{
 			}
 			return fmt.Errorf("invalid preallocation %q (use off or metadata)", v)
 		},
-		show: func(s *CreateSpec, given bool, _ *zoned.Geometry) (string, bool) {
+		show: func(s *CreateSpec, given bool) (string, bool) {
 			return s.opts.Preallocation, given
 		},
 	},
@@ -255,6 +255,34 @@ var createOptions = []createOption{
 		set:  only("compression_type", "zlib"),
 		show: fixed("zlib", false),
 	},
+	// The zoned keys (docs/qcow2-zoned.md section 4), in QEMU's order.
+	// They only record what was given; Geometry applies the defaults,
+	// zoned.Geometry.Normalize checks the combination. The Formatting line
+	// shows the keys given, with the values given, as QEMU's does: a clamp
+	// is a note of its own.
+	{
+		key:  "zone.mode",
+		help: "host-managed: make a zoned image (required for any other zone.* key)",
+		set: func(s *CreateSpec, v string) error {
+			if v != ZoneModeHostManaged {
+				return fmt.Errorf("invalid value %q: only %s is supported", v, ZoneModeHostManaged)
+			}
+			return nil
+		},
+		show: fixed(ZoneModeHostManaged, true),
+	},
+	zoneOption("zone.size", "bytes per zone, a multiple of 512; a power of two to attach to Linux (default 256M)", ParseSize,
+		func(g *zoned.Geometry) *int64 { return &g.ZoneSize }),
+	zoneOption("zone.capacity", "writable bytes per zone, at most zone.size (default zone.size)", ParseSize,
+		func(g *zoned.Geometry) *int64 { return &g.ZoneCapacity }),
+	zoneOption("zone.conventional_zones", "number of conventional (randomly writable) zones at the start (default 0)", parseCount,
+		func(g *zoned.Geometry) *int { return &g.ConventionalZones }),
+	zoneOption("zone.max_append_bytes", "largest zone append, below zone.capacity - 512, rounded down to a multiple of 512 (default 64k)", ParseSize,
+		func(g *zoned.Geometry) *int64 { return &g.MaxAppendBytes }),
+	zoneOption("zone.max_active_zones", "limit on open + closed zones, 0 for none (default 0)", parseCount,
+		func(g *zoned.Geometry) *int { return &g.MaxActiveZones }),
+	zoneOption("zone.max_open_zones", "limit on open zones, 0 for none (default: zone.max_active_zones)", parseCount,
+		func(g *zoned.Geometry) *int { return &g.MaxOpenZones }),
 	{
 		key:  "size",
 		help: "virtual disk size (the SIZE operand takes precedence)",
@@ -266,7 +294,7 @@ var createOptions = []createOption{
 			s.opts.Size = n
 			return nil
 		},
-		show: func(s *CreateSpec, _ bool, _ *zoned.Geometry) (string, bool) { return fmt.Sprint(s.opts.Size), true },
+		show: func(s *CreateSpec, _ bool) (string, bool) { return fmt.Sprint(s.opts.Size), true },
 	},
 	{
 		key:  "lazy_refcounts",
@@ -279,7 +307,7 @@ var createOptions = []createOption{
 			s.opts.LazyRefcounts = on
 			return nil
 		},
-		show: func(s *CreateSpec, _ bool, _ *zoned.Geometry) (string, bool) {
+		show: func(s *CreateSpec, _ bool) (string, bool) {
 			if s.opts.LazyRefcounts {
 				return "on", true
 			}
@@ -297,7 +325,7 @@ var createOptions = []createOption{
 			s.opts.RefcountBits = int(n)
 			return nil
 		},
-		show: func(s *CreateSpec, _ bool, _ *zoned.Geometry) (string, bool) {
+		show: func(s *CreateSpec, _ bool) (string, bool) {
 			return fmt.Sprint(orDefault(s.opts.RefcountBits, image.DefaultRefcountBits)), true
 		},
 	},
@@ -312,34 +340,6 @@ var createOptions = []createOption{
 		},
 		show: fixed("1.1", true),
 	},
-	// The zoned keys (spec section 4). They only record what was given;
-	// Geometry applies the defaults, zoned.Geometry.Normalize checks the
-	// combination, and the Formatting line shows the values the image gets.
-	{
-		key:  "zone.mode",
-		help: "host-managed: make a zoned image (required for any other zone.* key)",
-		set: func(s *CreateSpec, v string) error {
-			if v != ZoneModeHostManaged {
-				return fmt.Errorf("invalid value %q: only %s is supported", v, ZoneModeHostManaged)
-			}
-			return nil
-		},
-		show: func(_ *CreateSpec, _ bool, zones *zoned.Geometry) (string, bool) {
-			return ZoneModeHostManaged, zones != nil
-		},
-	},
-	zoneOption("zone.size", "bytes per zone, a power of two (default 256M)", ParseSize,
-		func(g *zoned.Geometry) *int64 { return &g.ZoneSize }),
-	zoneOption("zone.capacity", "writable bytes per zone, at most zone.size (default zone.size)", ParseSize,
-		func(g *zoned.Geometry) *int64 { return &g.ZoneCapacity }),
-	zoneOption("zone.conventional_zones", "number of conventional (randomly writable) zones at the start (default 0)", parseCount,
-		func(g *zoned.Geometry) *int { return &g.ConventionalZones }),
-	zoneOption("zone.max_open_zones", "limit on open zones, 0 for none (default: zone.max_active_zones)", parseCount,
-		func(g *zoned.Geometry) *int { return &g.MaxOpenZones }),
-	zoneOption("zone.max_active_zones", "limit on open + closed zones, 0 for none (default 0)", parseCount,
-		func(g *zoned.Geometry) *int { return &g.MaxActiveZones }),
-	zoneOption("zone.max_append_bytes", "largest zone append, a multiple of 512 below zone.capacity - 512 (default 64k)", ParseSize,
-		func(g *zoned.Geometry) *int64 { return &g.MaxAppendBytes }),
 }
 
 // only is the parser of a key that takes one value, which it ignores.
@@ -354,15 +354,14 @@ func only(key, value string) func(*CreateSpec, string) error {
 
 // fixed shows a key whose value is always v: always, or with ifGiven only
 // when the key was given (as qemu-img shows compat).
-func fixed(v string, ifGiven bool) func(*CreateSpec, bool, *zoned.Geometry) (string, bool) {
-	return func(_ *CreateSpec, given bool, _ *zoned.Geometry) (string, bool) {
+func fixed(v string, ifGiven bool) func(*CreateSpec, bool) (string, bool) {
+	return func(_ *CreateSpec, given bool) (string, bool) {
 		return v, given || !ifGiven
 	}
 }
 
 // zoneOption is a zone.* key holding one field of the geometry: set
-// records the value given, the Formatting line shows the value the image
-// gets (defaults and clamps applied).
+// records the value given, which the Formatting line shows if given.
 func zoneOption[T int | int64](key, help string, parse func(string) (T, error), field func(*zoned.Geometry) *T) createOption {
 	return createOption{
 		key:  key,
@@ -375,11 +374,8 @@ func zoneOption[T int | int64](key, help string, parse func(string) (T, error), 
 			*field(&s.zoneGeom) = n
 			return nil
 		},
-		show: func(_ *CreateSpec, _ bool, zones *zoned.Geometry) (string, bool) {
-			if zones == nil {
-				return "", false
-			}
-			return fmt.Sprint(*field(zones)), true
+		show: func(s *CreateSpec, given bool) (string, bool) {
+			return fmt.Sprint(*field(&s.zoneGeom)), given
 		},
 	}
 }
@@ -464,7 +460,7 @@ func (s *CreateSpec) Given(key string) bool {
 func (s *CreateSpec) Options() image.CreateOptions { return s.opts }
 
 // Geometry returns the zoned geometry the options ask for, or nil for a
-// plain image (no zone.mode). The defaults of spec section 4 are filled in
+// plain image (no zone.mode). The defaults of docs/qcow2-zoned.md section 4 are filled in
 // (zone.size 256M, zone.capacity = zone.size, zone.max_append_bytes 64k;
 // Normalize derives max_open from max_active), and Size is the image size
 // rounded up to whole 512-byte sectors, as zoned.CreateImage rounds it.
@@ -496,12 +492,11 @@ func (s *CreateSpec) Geometry() (*zoned.Geometry, error) {
 
 // Formatting returns the options as qemu-img create's "Formatting" line
 // lists them after "fmt=qcow2": "key=value" in qemu-img's order, some only
-// when given. zones is the geometry the image gets (Geometry's after
-// zoned.Geometry.Normalize), nil for a plain image.
-func (s *CreateSpec) Formatting(zones *zoned.Geometry) []string {
+// when given.
+func (s *CreateSpec) Formatting() []string {
 	var out []string
 	for i, o := range createOptions {
-		if v, ok := o.show(s, s.given&(1<<i) != 0, zones); ok {
+		if v, ok := o.show(s, s.given&(1<<i) != 0); ok {
 			out = append(out, o.key+"="+v)
 		}
 	}

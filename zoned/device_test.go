@@ -67,7 +67,7 @@ func TestConditionAndTypeStrings(t *testing.T) {
 	}
 }
 
-// TestEveryOperationFromEveryCondition is spec section 5's transition table:
+// TestEveryOperationFromEveryCondition is docs/qcow2-zoned.md section 5's transition table:
 // each operation applied to a zone in each condition.
 func TestEveryOperationFromEveryCondition(t *testing.T) {
 	const z = 4096 // zone 1

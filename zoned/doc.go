@@ -1,6 +1,6 @@
 // Package zoned is the zone state machine and its limits: it turns a flat
 // Store (the zoned qcow2 image, or memory in tests) into a host-managed zoned
-// block device with the rules of spec/qcow2-zoned.md sections 4 to 6. It owns
+// block device with the rules of docs/qcow2-zoned.md sections 4 to 6. It owns
 // the write pointers and decides what is legal; it knows nothing about qcow2.
 //
 // # Zone rules
@@ -17,7 +17,7 @@
 // slot; then, if max_open is reached, the least-recently-written implicitly
 // open zone is closed to make room, but only while active < max_active (this
 // last condition also applies to a closed zone, whose own activation would not
-// change the active count: that is spec section 5 as written, and what Linux's
+// change the active count: that is docs/qcow2-zoned.md section 5 as written, and what Linux's
 // null_blk and QEMU do). Explicit Open and Finish use the same checks. Writes
 // to conventional zones go straight to the Store, at any alignment.
 //
@@ -31,7 +31,7 @@
 //     pointer as stored, so `zq-csi io` prints what qemu-io prints for the same
 //     image. Finish writes zeros from the old write pointer to the capacity
 //     before recording the new one: after a crash the Store may hold bytes past
-//     the durable write pointer (spec section 6: the pointer may lag the
+//     the durable write pointer (docs/qcow2-zoned.md section 6: the pointer may lag the
 //     data), and finish must not turn them into readable data.
 //   - Management operations check the whole range first (alignment, bounds,
 //     conventional zones: EIO), then apply zone by zone in order and stop at
@@ -39,7 +39,7 @@
 //     blkdev_zone_mgmt does. Reset of offset 0 and the device size (or
 //     ResetAll) resets every sequential zone and skips conventional ones.
 //   - Reset of an empty zone does no I/O. Otherwise the reset write pointer
-//     is recorded and flushed before the zone is zeroed (spec section 6), and
+//     is recorded and flushed before the zone is zeroed (docs/qcow2-zoned.md section 6), and
 //     the whole zone length is zeroed so the Store can free whole clusters.
 //
 // # Concurrency and durability

@@ -9,7 +9,7 @@ import (
 // Sentinel errors. Errors returned by this package wrap them with the zone
 // and offsets involved; frontends turn them into an errno with Errno.
 var (
-	// ErrInvalidGeometry: a Geometry that spec section 4 refuses.
+	// ErrInvalidGeometry: a Geometry that docs/qcow2-zoned.md section 4 refuses.
 	ErrInvalidGeometry = errors.New("invalid zoned geometry")
 	// ErrInvalidWritePointer: a persisted write pointer outside its zone
 	// or not sector-aligned, or a table of the wrong length.

@@ -11,7 +11,7 @@ import (
 // reported.
 const SectorSize = 512
 
-// Defaults of the qemu-img creation options (spec section 4), for callers that
+// Defaults of the qemu-img creation options (docs/qcow2-zoned.md section 4), for callers that
 // build a Geometry from options. Normalize does not fill them in: a zero there
 // is an error, so a corrupt header cannot pass as "use the default".
 const (
@@ -19,15 +19,15 @@ const (
 	DefaultMaxAppendBytes = 64 << 10
 )
 
-// Geometry is a zoned device's shape and limits (spec sections 2 and 4).
+// Geometry is a zoned device's shape and limits (docs/qcow2-zoned.md sections 2 and 4).
 type Geometry struct {
 	Size              int64 // device size in bytes (multiple of 512)
-	ZoneSize          int64 // bytes, power of two, multiple of 512
+	ZoneSize          int64 // bytes, multiple of 512 (Linux needs a power of two: CheckLinux)
 	ZoneCapacity      int64 // bytes, <= ZoneSize, multiple of 512
 	ConventionalZones int
 	MaxOpenZones      int   // 0 = unlimited
 	MaxActiveZones    int   // 0 = unlimited
-	MaxAppendBytes    int64 // 512-aligned
+	MaxAppendBytes    int64 // multiple of 512 once normalized
 }
 
 // NumZones is ceil(Size/ZoneSize): the last zone may be shorter than the
@@ -66,8 +66,8 @@ func (g Geometry) zoneCapacity(i int) int64 {
 	return min(g.ZoneCapacity, g.zoneLength(i))
 }
 
-// Normalize validates g as qemu-img does on create and open (spec section 4)
-// and applies the clamps, returning one human-readable note per clamp. Errors
+// Normalize validates g as qemu-img does on create and open (docs/qcow2-zoned.md
+// section 4) and applies the clamps, returning one human-readable note per clamp. Errors
 // wrap ErrInvalidGeometry and name the option key, so a user can tell which
 // -o value or StorageClass parameter to fix.
 //
@@ -82,12 +82,8 @@ func (g Geometry) Normalize() (Geometry, []string, error) {
 	switch {
 	case g.Size <= 0 || g.Size%SectorSize != 0:
 		return bad("size %d: must be a positive multiple of %d", g.Size, SectorSize)
-	case g.ZoneSize <= 0:
-		return bad("zone.size %d: must be positive", g.ZoneSize)
-	case g.ZoneSize&(g.ZoneSize-1) != 0 || g.ZoneSize < SectorSize:
-		// QEMU does not check this, but Linux needs a power-of-two number
-		// of sectors per zone and we attach every image to a kernel.
-		return bad("zone.size %d: must be a power of two and at least %d", g.ZoneSize, SectorSize)
+	case g.ZoneSize <= 0 || g.ZoneSize%SectorSize != 0:
+		return bad("zone.size %d: must be a positive multiple of %d", g.ZoneSize, SectorSize)
 	case g.ZoneCapacity <= 0 || g.ZoneCapacity%SectorSize != 0:
 		return bad("zone.capacity %d: must be a positive multiple of %d", g.ZoneCapacity, SectorSize)
 	case g.ZoneCapacity > g.ZoneSize:
@@ -107,8 +103,8 @@ func (g Geometry) Normalize() (Geometry, []string, error) {
 		return bad("zone.max_open_zones %d: must not be negative", g.MaxOpenZones)
 	case g.MaxActiveZones < 0:
 		return bad("zone.max_active_zones %d: must not be negative", g.MaxActiveZones)
-	case g.MaxAppendBytes <= 0 || g.MaxAppendBytes%SectorSize != 0:
-		return bad("zone.max_append_bytes %d: must be a positive multiple of %d", g.MaxAppendBytes, SectorSize)
+	case g.MaxAppendBytes < SectorSize:
+		return bad("zone.max_append_bytes %d: must be at least %d", g.MaxAppendBytes, SectorSize)
 	case g.MaxAppendBytes > math.MaxUint32:
 		return bad("zone.max_append_bytes %d: does not fit the 32-bit header field", g.MaxAppendBytes)
 	case g.MaxAppendBytes+SectorSize >= g.ZoneCapacity:
@@ -117,6 +113,13 @@ func (g Geometry) Normalize() (Geometry, []string, error) {
 	}
 
 	var notes []string
+	if r := g.MaxAppendBytes % SectorSize; r != 0 {
+		// QEMU accepts any value; an append is whole sectors, so the
+		// largest one is the largest multiple of a sector.
+		notes = append(notes, fmt.Sprintf("zone.max_append_bytes %d is not a multiple of %d: appends are limited to %d",
+			g.MaxAppendBytes, SectorSize, g.MaxAppendBytes-r))
+		g.MaxAppendBytes -= r
+	}
 	if g.MaxActiveZones > nz {
 		notes = append(notes, fmt.Sprintf("zone.max_active_zones %d > %d zones: clamped to %d", g.MaxActiveZones, nz, nz))
 		g.MaxActiveZones = nz
@@ -135,4 +138,17 @@ func (g Geometry) Normalize() (Geometry, []string, error) {
 		g.MaxOpenZones = g.MaxActiveZones
 	}
 	return g, notes, nil
+}
+
+// CheckLinux reports whether Linux can hold g as a zoned block device:
+// its zoned block layer needs a power-of-two number of sectors per zone.
+// QEMU creates other sizes, and everything but a kernel attach (io,
+// export, check, info) works on them; the error names the key, so an
+// attach or a CreateVolume can say what to change.
+func (g Geometry) CheckLinux() error {
+	if g.ZoneSize&(g.ZoneSize-1) != 0 {
+		return fmt.Errorf("%w: zone.size %d is not a power of two, which Linux's zoned block devices need",
+			ErrInvalidGeometry, g.ZoneSize)
+	}
+	return nil
 }

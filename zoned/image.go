@@ -37,7 +37,11 @@ func OpenImage(img *image.Image) (*Device, error) {
 	if !ok {
 		return nil, ErrNotZoned
 	}
-	return New(imageStore{img}, ImageGeometry(img.Size(), z), img.WritePointers())
+	wps, err := img.WritePointers()
+	if err != nil {
+		return nil, err
+	}
+	return New(imageStore{img}, ImageGeometry(img.Size(), z), wps)
 }
 
 // CreateImage creates a zoned image at path with geometry g (its Size is

@@ -288,7 +288,7 @@ func TestConcurrentAppendsAndFlushesOnAnImage(t *testing.T) {
 	if res, err := img.Check(false); err != nil || !res.Clean() {
 		t.Fatalf("check: %v %+v", err, res)
 	}
-	for z, wp := range img.WritePointers() {
+	for z, wp := range mustWritePointers(t, img) {
 		if want := int64(z)*zs + writers/4*each*chunk; wp != want {
 			t.Errorf("zone %d: write pointer %#x after reopen, want %#x", z, wp, want)
 		}
@@ -305,4 +305,14 @@ func TestConcurrentAppendsAndFlushesOnAnImage(t *testing.T) {
 	if len(landed) != writers*each {
 		t.Fatalf("%d appends landed at distinct offsets, want %d", len(landed), writers*each)
 	}
+}
+
+// mustWritePointers is img's write pointers; an error fails the test.
+func mustWritePointers(t testing.TB, img *image.Image) []int64 {
+	t.Helper()
+	wps, err := img.WritePointers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return wps
 }

@@ -10,7 +10,7 @@ import (
 	"testing"
 )
 
-// refModel is an independent, deliberately naive statement of spec section 5
+// refModel is an independent, deliberately naive statement of docs/qcow2-zoned.md section 5
 // (and this package's documented choices): plain arrays, linear scans and a
 // write clock for the LRU order. It shares no code with Device.
 type refModel struct {

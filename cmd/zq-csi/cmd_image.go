@@ -85,10 +85,9 @@ func applyCreateOptions(spec *volume.CreateSpec, lists []string) (help bool, err
 	return help, nil
 }
 
-// formattingLine is qemu-img create's first line of output; zones is the
-// geometry the image gets, nil for a plain image.
-func formattingLine(file string, spec *volume.CreateSpec, zones *zoned.Geometry) string {
-	return strings.Join(append([]string{fmt.Sprintf("Formatting '%s', fmt=qcow2", file)}, spec.Formatting(zones)...), " ")
+// formattingLine is qemu-img create's first line of output.
+func formattingLine(file string, spec *volume.CreateSpec) string {
+	return strings.Join(append([]string{fmt.Sprintf("Formatting '%s', fmt=qcow2", file)}, spec.Formatting()...), " ")
 }
 
 func createUsage(w io.Writer) {
@@ -156,18 +155,15 @@ func runImageCreate(e *env, args []string) int {
 	if err != nil {
 		return e.fail(usagef("%v", err), nil)
 	}
-	var zones *zoned.Geometry
 	if geom != nil {
 		// Validate before printing anything, as CreateImage will: a bad
 		// value or combination is a usage error naming the key.
-		norm, _, err := geom.Normalize()
-		if err != nil {
+		if _, _, err := geom.Normalize(); err != nil {
 			return e.fail(usagef("%v", err), nil)
 		}
-		zones = &norm
 	}
 	if !*quiet {
-		fmt.Fprintln(e.stdout, formattingLine(file, spec, zones))
+		fmt.Fprintln(e.stdout, formattingLine(file, spec))
 	}
 	if geom == nil {
 		if err := image.Create(file, spec.Options()); err != nil {
@@ -176,8 +172,12 @@ func runImageCreate(e *env, args []string) int {
 		return exitOK
 	}
 	notes, err := zoned.CreateImage(file, spec.Options(), *geom)
-	// Clamp notes go to stderr even with -q, like QEMU's messages: the
-	// image differs from what was asked.
+	if err == nil && geom.CheckLinux() != nil {
+		notes = append(notes, fmt.Sprintf("zone.size %d is not a power of two: Linux cannot attach the image as a zoned disk "+
+			"(zq-csi attach gives it as a plain nbd disk); io, export, info and check work", geom.ZoneSize))
+	}
+	// Notes go to stderr even with -q, like QEMU's messages: the image
+	// differs from what was asked, or cannot do all a user may expect.
 	for _, n := range notes {
 		e.errorf("note: %s", n)
 	}
@@ -292,13 +292,23 @@ func runImageInfo(e *env, args []string) int {
 	if z := info.Zones; z != nil {
 		fmt.Fprintf(w, "    zoned:\n")
 		fmt.Fprintf(w, "        zone model: %s\n", volume.ZoneModeHostManaged)
-		fmt.Fprintf(w, "        zone size: %s\n", exactSize(z.ZoneSize))
+		// What the zone model makes of the header's values, where it
+		// differs: QEMU writes geometries Linux cannot attach.
+		g := zoned.ImageGeometry(info.VirtualSize, *z)
+		sizeNote, appendNote := "", ""
+		if g.CheckLinux() != nil {
+			sizeNote = ", not a power of two: no zoned kernel attach"
+		}
+		if norm, _, err := g.Normalize(); err == nil && norm.MaxAppendBytes != g.MaxAppendBytes {
+			appendNote = fmt.Sprintf(", appends limited to %d bytes", norm.MaxAppendBytes)
+		}
+		fmt.Fprintf(w, "        zone size: %s%s\n", exactSize(z.ZoneSize), sizeNote)
 		fmt.Fprintf(w, "        zone capacity: %s\n", exactSize(z.ZoneCapacity))
 		fmt.Fprintf(w, "        conventional zones: %d\n", z.ConventionalZones)
 		fmt.Fprintf(w, "        nr zones: %d\n", z.NrZones)
 		fmt.Fprintf(w, "        max open zones: %d\n", z.MaxOpenZones)
 		fmt.Fprintf(w, "        max active zones: %d\n", z.MaxActiveZones)
-		fmt.Fprintf(w, "        max append bytes: %s\n", exactSize(int64(z.MaxAppendBytes)))
+		fmt.Fprintf(w, "        max append bytes: %s%s\n", exactSize(int64(z.MaxAppendBytes)), appendNote)
 	}
 	if info.Dirty {
 		// qemu-img shows the dirty flag in JSON only; people need it too.
@@ -378,6 +388,7 @@ type checkJSON struct {
 	CorruptionsFixed  int64    `json:"corruptions-fixed,omitempty"`
 	LeaksFixed        int64    `json:"leaks-fixed,omitempty"`
 	Problems          []string `json:"problems,omitempty"`
+	Rebuilt           []string `json:"rebuilt,omitempty"`
 }
 
 func leakCount(r *image.CheckResult) int64 {
@@ -414,6 +425,7 @@ func runImageCheck(e *env, args []string) int {
 	if doRepair {
 		opts = writeOptions()
 	}
+	opts.ForCheck = true
 	img, err := image.Open(file, opts)
 	if err != nil {
 		e.fail(err, nil)
@@ -449,6 +461,9 @@ func runImageCheck(e *env, args []string) int {
 		if human {
 			fmt.Fprintf(w, "The following inconsistencies were found and repaired:\n\n")
 			fmt.Fprintf(w, "    %d leaked clusters\n    %d corruptions\n\n", fixedLeaks, fixedCorruptions)
+			for _, r := range final.Rebuilt {
+				fmt.Fprintf(w, "%s\n\n", r)
+			}
 			fmt.Fprintf(w, "Double checking the fixed image now...\n")
 			printProblems(w, final)
 		}
@@ -470,6 +485,7 @@ func runImageCheck(e *env, args []string) int {
 			CorruptionsFixed:  fixedCorruptions,
 			LeaksFixed:        fixedLeaks,
 			Problems:          append(append([]string(nil), first.Corruptions...), first.Leaks...),
+			Rebuilt:           final.Rebuilt,
 		}
 		if rc := writeJSON(e, j); rc != exitOK {
 			return exitCheckError
@@ -488,6 +504,9 @@ func runImageCheck(e *env, args []string) int {
 func checkZoneModel(img *image.Image, r *image.CheckResult) {
 	if _, ok := img.Zones(); !ok {
 		return
+	}
+	if _, err := img.WritePointers(); err != nil {
+		return // an unreadable table: the check reported it
 	}
 	if _, err := zoned.OpenImage(img); err != nil {
 		r.Corruptions = append(r.Corruptions, fmt.Sprintf("ERROR zone model: %v", err))

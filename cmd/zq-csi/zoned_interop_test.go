@@ -6,7 +6,7 @@ package main
 // image by the feature name "zoned format"; with incompatible bit 5
 // cleared the image is a valid plain qcow2 image whose only oddity is the
 // write-pointer table, which qemu-img check reports as leaked clusters,
-// exactly those and nothing else (spec section 3), and qemu-io reads the
+// exactly those and nothing else (docs/qcow2-zoned.md section 3), and qemu-io reads the
 // zone data zq-csi wrote.
 
 import (

@@ -150,37 +150,52 @@ func wantReport(t *testing.T, got []string, want ...string) {
 
 func TestCreateZoneOptions(t *testing.T) {
 	dir := t.TempDir()
-	const plain = "cluster_size=65536 extended_l2=off compression_type=zlib size=%d lazy_refcounts=off refcount_bits=16"
+	// The Formatting line shows the zone keys given, with the values
+	// given, in QEMU's order and place (shared/testdata/qemu/*.cmds.out);
+	// image info shows what the image holds, defaults and clamps applied.
+	const line = "cluster_size=65536 extended_l2=off compression_type=zlib %s size=%d lazy_refcounts=off refcount_bits=16"
 	tests := []struct {
-		name  string
-		opts  string
-		size  string
-		zones string // the zone part of the Formatting line
-		notes []string
+		name   string
+		opts   string
+		size   string
+		given  string // the zone part of the Formatting line
+		stored string // the geometry the image holds
+		notes  []string
 	}{
 		{"defaults", "zone.mode=host-managed", "1G",
+			"zone.mode=host-managed",
 			"zone.mode=host-managed zone.size=268435456 zone.capacity=268435456 zone.conventional_zones=0 zone.max_open_zones=0 zone.max_active_zones=0 zone.max_append_bytes=65536", nil},
 		{"sizes with M", "zone.mode=host-managed,zone.size=64M,zone.capacity=48M,zone.max_append_bytes=256k", "1G",
+			"zone.mode=host-managed zone.size=67108864 zone.capacity=50331648 zone.max_append_bytes=262144",
 			"zone.mode=host-managed zone.size=67108864 zone.capacity=50331648 zone.conventional_zones=0 zone.max_open_zones=0 zone.max_active_zones=0 zone.max_append_bytes=262144", nil},
 		{"sizes with MiB", "zone.mode=host-managed,zone.size=64MiB,zone.capacity=48MiB,zone.max_append_bytes=256KiB", "1G",
+			"zone.mode=host-managed zone.size=67108864 zone.capacity=50331648 zone.max_append_bytes=262144",
 			"zone.mode=host-managed zone.size=67108864 zone.capacity=50331648 zone.conventional_zones=0 zone.max_open_zones=0 zone.max_active_zones=0 zone.max_append_bytes=262144", nil},
 		{"sizes with Mi", "zone.mode=host-managed,zone.size=64Mi,zone.capacity=48Mi,zone.max_append_bytes=256Ki", "1Gi",
+			"zone.mode=host-managed zone.size=67108864 zone.capacity=50331648 zone.max_append_bytes=262144",
 			"zone.mode=host-managed zone.size=67108864 zone.capacity=50331648 zone.conventional_zones=0 zone.max_open_zones=0 zone.max_active_zones=0 zone.max_append_bytes=262144", nil},
 		{"the demo's geometry", "zone.mode=host-managed,zone.size=64M,zone.conventional_zones=2,zone.max_open_zones=6,zone.max_active_zones=8,zone.max_append_bytes=256k", "1G",
+			"zone.mode=host-managed zone.size=67108864 zone.conventional_zones=2 zone.max_append_bytes=262144 zone.max_active_zones=8 zone.max_open_zones=6",
 			"zone.mode=host-managed zone.size=67108864 zone.capacity=67108864 zone.conventional_zones=2 zone.max_open_zones=6 zone.max_active_zones=8 zone.max_append_bytes=262144", nil},
 		{"only max_active: max_open follows, without a note", "zone.mode=host-managed,zone.size=64M,zone.max_active_zones=8", "1G",
+			"zone.mode=host-managed zone.size=67108864 zone.max_active_zones=8",
 			"zone.mode=host-managed zone.size=67108864 zone.capacity=67108864 zone.conventional_zones=0 zone.max_open_zones=8 zone.max_active_zones=8 zone.max_append_bytes=65536", nil},
 		{"counts in hex, keys in any order and -o lists", "zone.max_open_zones=0x3,zone.conventional_zones=0x2,zone.size=64M,zone.mode=host-managed", "1G",
+			"zone.mode=host-managed zone.size=67108864 zone.conventional_zones=2 zone.max_open_zones=3",
 			"zone.mode=host-managed zone.size=67108864 zone.capacity=67108864 zone.conventional_zones=2 zone.max_open_zones=3 zone.max_active_zones=0 zone.max_append_bytes=65536", nil},
 		{"a short last zone", "zone.mode=host-managed,zone.size=64M", "100M",
+			"zone.mode=host-managed zone.size=67108864",
 			"zone.mode=host-managed zone.size=67108864 zone.capacity=67108864 zone.conventional_zones=0 zone.max_open_zones=0 zone.max_active_zones=0 zone.max_append_bytes=65536", nil},
 		{"max_active above the zone count is clamped", "zone.mode=host-managed,zone.size=64M,zone.max_active_zones=100", "1G",
+			"zone.mode=host-managed zone.size=67108864 zone.max_active_zones=100",
 			"zone.mode=host-managed zone.size=67108864 zone.capacity=67108864 zone.conventional_zones=0 zone.max_open_zones=16 zone.max_active_zones=16 zone.max_append_bytes=65536",
 			[]string{"zq-csi: note: zone.max_active_zones 100 > 16 zones: clamped to 16"}},
 		{"max_open above the sequential zones is clamped", "zone.mode=host-managed,zone.size=64M,zone.conventional_zones=4,zone.max_open_zones=13", "1G",
+			"zone.mode=host-managed zone.size=67108864 zone.conventional_zones=4 zone.max_open_zones=13",
 			"zone.mode=host-managed zone.size=67108864 zone.capacity=67108864 zone.conventional_zones=4 zone.max_open_zones=12 zone.max_active_zones=0 zone.max_append_bytes=65536",
 			[]string{"zq-csi: note: zone.max_open_zones 13 > 12 sequential zones: clamped to 12"}},
 		{"max_open above max_active is clamped", "zone.mode=host-managed,zone.size=64M,zone.max_open_zones=10,zone.max_active_zones=4", "1G",
+			"zone.mode=host-managed zone.size=67108864 zone.max_active_zones=4 zone.max_open_zones=10",
 			"zone.mode=host-managed zone.size=67108864 zone.capacity=67108864 zone.conventional_zones=0 zone.max_open_zones=4 zone.max_active_zones=4 zone.max_append_bytes=65536",
 			[]string{"zq-csi: note: zone.max_open_zones 10 > zone.max_active_zones 4: clamped to 4"}},
 	}
@@ -192,7 +207,7 @@ func TestCreateZoneOptions(t *testing.T) {
 				t.Fatalf("exit %d: %s", code, stderr)
 			}
 			size, _ := ParseSize(tt.size)
-			want := fmt.Sprintf("Formatting '%s', fmt=qcow2 "+plain+" %s\n", f, size, tt.zones)
+			want := fmt.Sprintf("Formatting '%s', fmt=qcow2 "+line+"\n", f, tt.given, size)
 			if stdout != want {
 				t.Fatalf("stdout\n%q\nwant\n%q", stdout, want)
 			}
@@ -203,7 +218,6 @@ func TestCreateZoneOptions(t *testing.T) {
 			if stderr != wantErr {
 				t.Fatalf("stderr %q, want %q", stderr, wantErr)
 			}
-			// The image holds what the Formatting line said.
 			out, _, code := cli(t, "", "image", "info", "--output=json", f)
 			var j struct {
 				Zoned map[string]int64 `json:"zoned"`
@@ -214,7 +228,7 @@ func TestCreateZoneOptions(t *testing.T) {
 			keys := map[string]string{"zone.size": "zone-size", "zone.capacity": "zone-capacity",
 				"zone.conventional_zones": "conventional-zones", "zone.max_open_zones": "max-open-zones",
 				"zone.max_active_zones": "max-active-zones", "zone.max_append_bytes": "max-append-bytes"}
-			for _, kv := range strings.Fields(tt.zones)[1:] {
+			for _, kv := range strings.Fields(tt.stored)[1:] {
 				k, v, _ := strings.Cut(kv, "=")
 				if fmt.Sprint(j.Zoned[keys[k]]) != v {
 					t.Errorf("info: %s = %d, want %s", keys[k], j.Zoned[keys[k]], v)
@@ -249,9 +263,9 @@ func TestCreateZoneOptionsRefused(t *testing.T) {
 		{"zone.max_active_zones=1", "1G", "zone.max_active_zones", "needs zone.mode=host-managed"},
 		{"zone.max_append_bytes=4k", "1G", "zone.max_append_bytes", "needs zone.mode=host-managed"},
 		{"zone.size=x", "1G", "zone.size", `invalid size "x"`},
-		{hm + "zone.size=0", "1G", "zone.size", "must be positive"},
-		{hm + "zone.size=3M", "1G", "zone.size", "power of two"},
-		{hm + "zone.size=256", "1G", "zone.size", "power of two"},
+		{hm + "zone.size=0", "1G", "zone.size", "must be a positive multiple of 512"},
+		{hm + "zone.size=256", "1G", "zone.size", "positive multiple of 512"},
+		{hm + "zone.size=1000", "1G", "zone.size", "positive multiple of 512"},
 		{hm + "zone.size=-1", "1G", "zone.size", "invalid size"},
 		{hm + "zone.capacity=0", "1G", "zone.capacity", "positive multiple of 512"},
 		{hm + "zone.capacity=1000", "1G", "zone.capacity", "positive multiple of 512"},
@@ -266,8 +280,8 @@ func TestCreateZoneOptionsRefused(t *testing.T) {
 		{hm + "zone.max_open_zones=1.5", "1G", "zone.max_open_zones", "invalid number"},
 		{hm + "zone.max_active_zones=abc", "1G", "zone.max_active_zones", "invalid number"},
 		{hm + "zone.max_active_zones=0x", "1G", "zone.max_active_zones", "invalid number"},
-		{hm + "zone.max_append_bytes=0", "1G", "zone.max_append_bytes", "positive multiple of 512"},
-		{hm + "zone.max_append_bytes=1000", "1G", "zone.max_append_bytes", "positive multiple of 512"},
+		{hm + "zone.max_append_bytes=0", "1G", "zone.max_append_bytes", "at least 512"},
+		{hm + "zone.max_append_bytes=500", "1G", "zone.max_append_bytes", "at least 512"},
 		{hm + "zone.size=1M,zone.max_append_bytes=1048064", "1G", "zone.max_append_bytes", "smaller than zone.capacity"},
 		{hm + "zone.size=1M,zone.capacity=64k", "1G", "zone.max_append_bytes", "smaller than zone.capacity"}, // the default 64k
 		{hm + "zone.size=8G,zone.max_append_bytes=4G", "16G", "zone.max_append_bytes", "32-bit"},
@@ -288,6 +302,33 @@ func TestCreateZoneOptionsRefused(t *testing.T) {
 			}
 			if _, err := os.Stat(f); !os.IsNotExist(err) {
 				t.Fatalf("a refused create left %s behind", f)
+			}
+		})
+	}
+}
+
+// QEMU creates images with these geometries (shared/testdata/qemu v5, v6),
+// so zq-csi does too, saying on stderr what they cannot do.
+func TestCreateAcceptsQemusGeometriesWithANote(t *testing.T) {
+	tests := []struct {
+		opts, note string
+		want       string // the zone line of image info
+	}{
+		{"zone.mode=host-managed,zone.size=48M", "note: zone.size 50331648 is not a power of two: Linux cannot attach the image as a zoned disk",
+			"zone size: 48 MiB"},
+		{"zone.mode=host-managed,zone.size=64M,zone.max_append_bytes=1000", "note: zone.max_append_bytes 1000 is not a multiple of 512: appends are limited to 512",
+			"max append bytes: 512 B"},
+	}
+	for i, tt := range tests {
+		t.Run(tt.opts, func(t *testing.T) {
+			f := filepath.Join(t.TempDir(), fmt.Sprintf("a%d.qcow2", i))
+			stdout, stderr, code := cli(t, "", "image", "create", "-o", tt.opts, f, "1G")
+			if code != 0 || !strings.HasPrefix(stdout, "Formatting ") || !strings.Contains(stderr, tt.note) {
+				t.Fatalf("exit %d, stdout %q, stderr %q: want success, a Formatting line and %q", code, stdout, stderr, tt.note)
+			}
+			info, stderr, code := cli(t, "", "image", "info", f)
+			if code != 0 || !strings.Contains(info, tt.want) {
+				t.Fatalf("image info: exit %d, stderr %q\n%s\nwant %q", code, stderr, info, tt.want)
 			}
 		})
 	}
@@ -390,7 +431,7 @@ func TestZonedVectors(t *testing.T) {
 }
 
 // A writable session on the big-endian vector rewrites the table in
-// little-endian order (spec section 3) and keeps the zones.
+// little-endian order (docs/qcow2-zoned.md section 3) and keeps the zones.
 func TestZonedVectorBigEndianRewrittenOnWrite(t *testing.T) {
 	f := vectorCopy(t, vectorNames[1])
 	mustIO(t, f, "write -P 0x42 48M 4k")
@@ -876,49 +917,52 @@ func TestZonedBadImagesRefusedAndUnchanged(t *testing.T) {
 		// model: the format is consistent (image.Open accepts it) but the
 		// zone model refuses it: image check reports it as a corruption.
 		model bool
+		// table: only the write-pointer table is damaged: image check
+		// reports it as a corruption and check --repair rebuilds it.
+		table bool
 	}{
 		{"table entry outside its zone", 0, func(t *testing.T, f string) {
 			b := make([]byte, 8)
 			binary.LittleEndian.PutUint64(b, 7*vZone) // zone 5's entry
 			writeAt(t, f, table+5*8, b)
-		}, `write-pointer table.*valid in neither byte order`, false},
+		}, `write-pointer table.*valid in neither byte order`, false, true},
 		{"big-endian table entry outside its zone", 1, func(t *testing.T, f string) {
 			putU64(t, f, table+63*8, 64*vZone+512)
-		}, `write-pointer table.*valid in neither byte order`, false},
+		}, `write-pointer table.*valid in neither byte order`, false, true},
 		{"truncated extension", 0, func(t *testing.T, f string) {
 			putU32(t, f, zonedExtOffset(t, f)+4, 48)
-		}, `zoned header extension is 48 bytes, want at least 56`, false},
+		}, `zoned header extension is 48 bytes, want at least 56`, false, false},
 		{"unknown zone model", 0, func(t *testing.T, f string) {
 			writeAt(t, f, zonedExtOffset(t, f)+8, []byte{2})
-		}, `unknown zone model 2`, false},
+		}, `unknown zone model 2`, false, false},
 		{"zone model 0 with the zoned bit", 1, func(t *testing.T, f string) {
 			writeAt(t, f, zonedExtOffset(t, f)+8, []byte{0})
-		}, `zoned format bit set but the extension says not zoned`, false},
+		}, `zoned format bit set but the extension says not zoned`, false, false},
 		{"zoned bit without the extension", 0, func(t *testing.T, f string) {
 			putU32(t, f, zonedExtOffset(t, f), 0x12345678)
-		}, `zoned header extension is missing`, false},
+		}, `zoned header extension is missing`, false, false},
 		{"nr_zones wrong", 0, func(t *testing.T, f string) {
 			putU32(t, f, zonedExtOffset(t, f)+8+24, 63)
-		}, `nr_zones 63`, false},
+		}, `nr_zones 63`, false, false},
 		{"table past the end of the file", 1, func(t *testing.T, f string) {
 			if err := os.Truncate(f, table+100); err != nil {
 				t.Fatal(err)
 			}
-		}, `(?i)write-pointer table.*(end of the file|past|beyond)`, false},
+		}, `(?i)write-pointer table.*(end of the file|past|beyond|file ends)`, false, true},
 		{"write pointer not sector-aligned", 0, func(t *testing.T, f string) {
 			b := make([]byte, 8)
 			binary.LittleEndian.PutUint64(b, 4*vZone+100)
 			writeAt(t, f, table+4*8, b)
-		}, `zone 4: write pointer 0x4000064 is not a multiple of 512`, true},
+		}, `zone 4: write pointer 0x4000064 is not a multiple of 512`, true, false},
 		// Geometries the image format accepts but the zone model refuses:
 		// on the big-endian vector, whose table a writable session would
 		// rewrite in little-endian order if it got that far.
 		{"every zone conventional", 1, func(t *testing.T, f string) {
 			putU32(t, f, zonedExtOffset(t, f)+8+20, 64)
-		}, `zone.conventional_zones 64 >= 64 zones`, true},
+		}, `zone.conventional_zones 64 >= 64 zones`, true, false},
 		{"max append too large", 1, func(t *testing.T, f string) {
 			putU32(t, f, zonedExtOffset(t, f)+8+36, 12<<20)
-		}, `zone.max_append_bytes 12582912: must be smaller than zone.capacity`, true},
+		}, `zone.max_append_bytes 12582912: must be smaller than zone.capacity`, true, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -931,12 +975,19 @@ func TestZonedBadImagesRefusedAndUnchanged(t *testing.T) {
 				{"io", "-c", "write 48M 4k", "-c", "zrs 0 1G", f},
 				{"io", "-r", "-c", "zrp 0 4", f},
 			}
-			if tt.model {
+			switch {
+			case tt.model:
 				stdout, stderr, code := cli(t, "", "image", "check", f)
 				if code != exitCheckCorrupt || !regexp.MustCompile(`(?m)^ERROR zone model: .*`+tt.err).MatchString(stdout) {
 					t.Errorf("check: exit %d, stdout %q, stderr %q; want exit 2 and ERROR zone model: %s", code, stdout, stderr, tt.err)
 				}
-			} else {
+			case tt.table:
+				stdout, stderr, code := cli(t, "", "image", "check", f)
+				if code != exitCheckCorrupt || !regexp.MustCompile(`(?m)^ERROR .*`+tt.err).MatchString(stdout) {
+					t.Errorf("check: exit %d, stdout %q, stderr %q; want exit 2 and ERROR %s", code, stdout, stderr, tt.err)
+				}
+				runs = append(runs, []string{"image", "info", f})
+			default:
 				runs = append(runs, []string{"image", "check", f}, []string{"image", "check", "--repair", f},
 					[]string{"image", "info", f})
 			}
@@ -948,6 +999,18 @@ func TestZonedBadImagesRefusedAndUnchanged(t *testing.T) {
 				if fileHash(t, f) != before {
 					t.Fatalf("%q changed the file", args[:len(args)-1])
 				}
+			}
+			if !tt.table {
+				return
+			}
+			// The vectors hold no data: every zone comes back empty.
+			stdout, stderr, code := cli(t, "", "image", "check", "-r", "all", f)
+			if code != exitCheckClean || !strings.Contains(stdout, "write-pointer table rebuilt at ") {
+				t.Fatalf("check -r all: exit %d, stdout %q, stderr %q; want exit 0 and the table rebuilt", code, stdout, stderr)
+			}
+			stdout, stderr, code = zoneIO(t, f, "-r", "zrp 0 4")
+			if code != 0 || stdout != vectorReport {
+				t.Fatalf("zrp after the repair: exit %d, stderr %q\n%s\nwant\n%s", code, stderr, stdout, vectorReport)
 			}
 		})
 	}
