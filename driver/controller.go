@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
 
+	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
@@ -144,7 +145,7 @@ func (d *Driver) createImage(id string, params VolumeParams, size int64, g zoned
 	os.Remove(tmp)
 	opts := params.Spec.Options()
 	opts.Size = size
-	if _, err := zoned.CreateImage(tmp, opts, g); err != nil {
+	if _, err := volume.CreateZoned(tmp, opts, g); err != nil {
 		os.Remove(tmp)
 		return err
 	}

@@ -26,7 +26,6 @@ import (
 	"github.com/zq-csi/zq-csi/image"
 	"github.com/zq-csi/zq-csi/test/e2e/vmtest"
 	"github.com/zq-csi/zq-csi/volume"
-	"github.com/zq-csi/zq-csi/zoned"
 )
 
 func TestMain(m *testing.M) { vmtest.Main(m, "./nbdattach/") }
@@ -352,7 +351,7 @@ func TestKernelAttachZonedImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer img2.Close()
-	dev2, err := zoned.OpenImage(img2)
+	dev2, err := volume.OpenZones(img2)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
@@ -61,14 +62,14 @@ func newZonedImage(t testing.TB, size int64, maxOpen int) (string, *image.Image,
 	path := filepath.Join(t.TempDir(), "zoned.qcow2")
 	g := zoned.Geometry{ZoneSize: testZoneSize, ZoneCapacity: testZoneCap, ConventionalZones: 1,
 		MaxOpenZones: maxOpen, MaxActiveZones: maxOpen, MaxAppendBytes: 64 << 10}
-	if _, err := zoned.CreateImage(path, image.CreateOptions{Size: size}, g); err != nil {
+	if _, err := volume.CreateZoned(path, image.CreateOptions{Size: size}, g); err != nil {
 		t.Fatal(err)
 	}
 	img, err := image.Open(path, image.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	dev, err := zoned.OpenImage(img)
+	dev, err := volume.OpenZones(img)
 	if err != nil {
 		t.Fatal(err)
 	}

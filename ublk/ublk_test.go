@@ -156,7 +156,7 @@ func FuzzParseDevice(f *testing.F) {
 func zonedImage(t *testing.T, size int64, g zoned.Geometry) *volume.Volume {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "z.qcow2")
-	if _, err := zoned.CreateImage(path, image.CreateOptions{Size: size}, g); err != nil {
+	if _, err := volume.CreateZoned(path, image.CreateOptions{Size: size}, g); err != nil {
 		t.Fatal(err)
 	}
 	v, err := volume.Open(path, image.OpenOptions{})

@@ -43,7 +43,7 @@ var issueGeometry = zoned.Geometry{
 func createZoned(t *testing.T, size int64, g zoned.Geometry) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "zoned.qcow2")
-	if _, err := zoned.CreateImage(path, image.CreateOptions{Size: size}, g); err != nil {
+	if _, err := volume.CreateZoned(path, image.CreateOptions{Size: size}, g); err != nil {
 		t.Fatal(err)
 	}
 	return path

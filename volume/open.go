@@ -20,7 +20,7 @@ type Volume struct {
 
 // Open opens the image at path with opts and, if it is zoned, its zone
 // model. A zoned image is validated read-only first: image.Open accepts
-// some geometries that the zone model refuses (zoned.OpenImage), and a
+// some geometries that the zone model refuses (volume.OpenZones), and a
 // read-write image rewrites on close what it normalized on open (a
 // big-endian write-pointer table, for one), so a bad image is refused
 // before anything can change its bytes.
@@ -31,7 +31,7 @@ func Open(path string, opts image.OpenOptions) (*Volume, error) {
 	}
 	_, isZoned := img.Zones()
 	if isZoned {
-		if _, err := zoned.OpenImage(img); err != nil {
+		if _, err := OpenZones(img); err != nil {
 			img.Close()
 			return nil, fmt.Errorf("zoned image: %w", err)
 		}
@@ -47,7 +47,7 @@ func Open(path string, opts image.OpenOptions) (*Volume, error) {
 	if !isZoned {
 		return &Volume{Backend: Plain{Img: img}, Path: path, Img: img}, nil
 	}
-	dev, err := zoned.OpenImage(img)
+	dev, err := OpenZones(img)
 	if err != nil {
 		img.Close()
 		return nil, fmt.Errorf("zoned image: %w", err)

@@ -455,7 +455,7 @@ func (s *CreateSpec) Given(key string) bool {
 	return i >= 0 && s.given&(1<<i) != 0
 }
 
-// Options returns the image options (Zones left nil: zoned.CreateImage
+// Options returns the image options (Zones left nil: volume.CreateZoned
 // fills them in from a geometry).
 func (s *CreateSpec) Options() image.CreateOptions { return s.opts }
 
@@ -463,7 +463,7 @@ func (s *CreateSpec) Options() image.CreateOptions { return s.opts }
 // plain image (no zone.mode). The defaults of docs/qcow2-zoned.md section 4 are filled in
 // (zone.size 256M, zone.capacity = zone.size, zone.max_append_bytes 64k;
 // Normalize derives max_open from max_active), and Size is the image size
-// rounded up to whole 512-byte sectors, as zoned.CreateImage rounds it.
+// rounded up to whole 512-byte sectors, as volume.CreateZoned rounds it.
 // The geometry is not validated: zoned.Geometry.Normalize does that and
 // names the key at fault. The error names a zone.* key given without
 // zone.mode=host-managed.

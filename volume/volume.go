@@ -2,7 +2,10 @@
 // (ublk, nbdattach) serve: the block operations of a plain image, or of a
 // zoned image through its zoned.Device, which keeps the zone rules (discard
 // resets whole sequential zones, zeros in a sequential zone are a write at
-// the write pointer) and maps errors to errnos.
+// the write pointer) and maps errors to errnos. It binds the two lower
+// layers (zoned.go): a zoned image is the zone device's Store, so that
+// package zoned knows nothing of qcow2 and package image nothing of zones'
+// rules.
 package volume
 
 import (

@@ -19,7 +19,7 @@ func zonedVolume(t *testing.T) Zoned {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "z.qcow2")
 	g := zoned.Geometry{ZoneSize: zoneSize, ZoneCapacity: zoneSize, ConventionalZones: 1, MaxAppendBytes: 64 << 10}
-	if _, err := zoned.CreateImage(path, image.CreateOptions{Size: 8 * zoneSize}, g); err != nil {
+	if _, err := CreateZoned(path, image.CreateOptions{Size: 8 * zoneSize}, g); err != nil {
 		t.Fatal(err)
 	}
 	v, err := Open(path, image.OpenOptions{})

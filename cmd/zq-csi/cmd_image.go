@@ -171,7 +171,7 @@ func runImageCreate(e *env, args []string) int {
 		}
 		return exitOK
 	}
-	notes, err := zoned.CreateImage(file, spec.Options(), *geom)
+	notes, err := volume.CreateZoned(file, spec.Options(), *geom)
 	if err == nil && geom.CheckLinux() != nil {
 		notes = append(notes, fmt.Sprintf("zone.size %d is not a power of two: Linux cannot attach the image as a zoned disk "+
 			"(zq-csi attach gives it as a plain nbd disk); io, export, info and check work", geom.ZoneSize))
@@ -294,7 +294,7 @@ func runImageInfo(e *env, args []string) int {
 		fmt.Fprintf(w, "        zone model: %s\n", volume.ZoneModeHostManaged)
 		// What the zone model makes of the header's values, where it
 		// differs: QEMU writes geometries Linux cannot attach.
-		g := zoned.ImageGeometry(info.VirtualSize, *z)
+		g := volume.ImageGeometry(info.VirtualSize, *z)
 		sizeNote, appendNote := "", ""
 		if g.CheckLinux() != nil {
 			sizeNote = ", not a power of two: no zoned kernel attach"
@@ -508,7 +508,7 @@ func checkZoneModel(img *image.Image, r *image.CheckResult) {
 	if _, err := img.WritePointers(); err != nil {
 		return // an unreadable table: the check reported it
 	}
-	if _, err := zoned.OpenImage(img); err != nil {
+	if _, err := volume.OpenZones(img); err != nil {
 		r.Corruptions = append(r.Corruptions, fmt.Sprintf("ERROR zone model: %v", err))
 	}
 }

@@ -28,7 +28,7 @@ import (
 
 // errNotZoned: a zone command on a plain image. qemu-io says "Operation
 // not supported" there too.
-var errNotZoned = fmt.Errorf("%w: %w", zoned.ErrNotZoned, syscall.ENOTSUP)
+var errNotZoned = fmt.Errorf("%w: %w", volume.ErrNotZoned, syscall.ENOTSUP)
 
 // openSession opens file for a session: a zoned image with its zone model
 // (see volume.Open), read-write ones with the journal of writeOptions.

@@ -1,15 +1,16 @@
-package zoned
+package volume
 
 import (
 	"errors"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/zoned"
 )
 
 // ErrNotZoned: the image has no zoned extension.
 var ErrNotZoned = errors.New("image is not zoned")
 
-// imageStore is a zoned image as a Store: the image holds the data, the
+// imageStore is a zoned image as a zoned.Store: the image holds the data, the
 // write-pointer table and their ordering; resets free the zone's clusters.
 type imageStore struct{ *image.Image }
 
@@ -18,8 +19,8 @@ func (s imageStore) WriteZeroes(off, length int64) error {
 }
 
 // ImageGeometry is the Geometry an image's zoned extension describes.
-func ImageGeometry(size int64, z image.Zones) Geometry {
-	return Geometry{
+func ImageGeometry(size int64, z image.Zones) zoned.Geometry {
+	return zoned.Geometry{
 		Size:              size,
 		ZoneSize:          z.ZoneSize,
 		ZoneCapacity:      z.ZoneCapacity,
@@ -30,9 +31,9 @@ func ImageGeometry(size int64, z image.Zones) Geometry {
 	}
 }
 
-// OpenImage returns the zoned device of an open zoned image: zones and
+// OpenZones returns the zone device of an open zoned image: zones and
 // limits from its extension, write pointers from its table.
-func OpenImage(img *image.Image) (*Device, error) {
+func OpenZones(img *image.Image) (*zoned.Device, error) {
 	z, ok := img.Zones()
 	if !ok {
 		return nil, ErrNotZoned
@@ -41,14 +42,14 @@ func OpenImage(img *image.Image) (*Device, error) {
 	if err != nil {
 		return nil, err
 	}
-	return New(imageStore{img}, ImageGeometry(img.Size(), z), wps)
+	return zoned.New(imageStore{img}, ImageGeometry(img.Size(), z), wps)
 }
 
-// CreateImage creates a zoned image at path with geometry g (its Size is
+// CreateZoned creates a zoned image at path with geometry g (its Size is
 // opts.Size). g is validated and clamped first, as qemu-img does; the notes
 // say what was clamped, and errors name the option at fault.
-func CreateImage(path string, opts image.CreateOptions, g Geometry) ([]string, error) {
-	g.Size = (opts.Size + SectorSize - 1) / SectorSize * SectorSize
+func CreateZoned(path string, opts image.CreateOptions, g zoned.Geometry) ([]string, error) {
+	g.Size = (opts.Size + zoned.SectorSize - 1) / zoned.SectorSize * zoned.SectorSize
 	g, notes, err := g.Normalize()
 	if err != nil {
 		return nil, err

@@ -1,4 +1,4 @@
-package zoned
+package volume
 
 import (
 	"errors"
@@ -8,22 +8,27 @@ import (
 	"testing"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/zoned"
 )
 
-// The image benchmarks run the same writes through a Device on a zoned
+// The image benchmarks run the same writes through a zoned.Device on a zoned
 // qcow2 image ("device") and straight into the image ("plain"), in one
 // run: their ratio is the cost of the zone model.
 
-func openBenchImage(b *testing.B) (*image.Image, *Device) {
+const benchZones, benchZoneSize = 4, 64 << 20
+
+var benchGeometry = zoned.Geometry{Size: benchZones * benchZoneSize, ZoneSize: benchZoneSize, ZoneCapacity: benchZoneSize, MaxAppendBytes: 64 << 10}
+
+func openBenchImage(b *testing.B) (*image.Image, *zoned.Device) {
 	p := filepath.Join(b.TempDir(), "bench.qcow2")
-	if _, err := CreateImage(p, image.CreateOptions{Size: benchGeometry.Size}, benchGeometry); err != nil {
+	if _, err := CreateZoned(p, image.CreateOptions{Size: benchGeometry.Size}, benchGeometry); err != nil {
 		b.Fatal(err)
 	}
 	img, err := image.Open(p, image.OpenOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}
-	d, err := OpenImage(img)
+	d, err := OpenZones(img)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -100,7 +105,7 @@ func BenchmarkImageAppend64KiB16Writers(b *testing.B) {
 				start := int64(zone) * benchZoneSize
 				for {
 					_, err := d.Append(p, start)
-					if !errors.Is(err, ErrBeyondCapacity) {
+					if !errors.Is(err, zoned.ErrBeyondCapacity) {
 						return err
 					}
 					if err := d.Reset(start, benchZoneSize); err != nil {

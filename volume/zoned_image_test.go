@@ -1,4 +1,4 @@
-package zoned
+package volume
 
 import (
 	"bytes"
@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/zoned"
 )
 
 // TestSharedVectorsReportTheirZones opens the images another tool built
@@ -22,15 +23,15 @@ func TestSharedVectorsReportTheirZones(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer img.Close()
-			d, err := OpenImage(img)
+			d, err := OpenZones(img)
 			if err != nil {
 				t.Fatal(err)
 			}
 			got := d.Report(0, 64)
 			for i, z := range got {
-				want := Zone{Start: int64(i) * mib16, Length: mib16, Capacity: mib12, WritePointer: int64(i) * mib16, Type: SequentialWriteRequired, Cond: Empty}
+				want := zoned.Zone{Start: int64(i) * mib16, Length: mib16, Capacity: mib12, WritePointer: int64(i) * mib16, Type: zoned.SequentialWriteRequired, Cond: zoned.Empty}
 				if i < 3 {
-					want.Capacity, want.Type, want.Cond = mib16, Conventional, NotWritePointer
+					want.Capacity, want.Type, want.Cond = mib16, zoned.Conventional, zoned.NotWritePointer
 				}
 				if z != want {
 					t.Errorf("zone %d = %+v, want %+v", i, z, want)
@@ -46,18 +47,18 @@ func TestSharedVectorsReportTheirZones(t *testing.T) {
 	}
 }
 
-func createTestImage(t *testing.T, g Geometry, size int64) string {
+func createTestImage(t *testing.T, g zoned.Geometry, size int64) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "z.qcow2")
-	if _, err := CreateImage(p, image.CreateOptions{Size: size}, g); err != nil {
+	if _, err := CreateZoned(p, image.CreateOptions{Size: size}, g); err != nil {
 		t.Fatal(err)
 	}
 	return p
 }
 
-// openTestDevice creates a zoned image and opens its Device; the image
+// openTestDevice creates a zoned image and opens its zoned.Device; the image
 // is closed when the test ends.
-func openTestDevice(t *testing.T, g Geometry, size int64) (string, *image.Image, *Device) {
+func openTestDevice(t *testing.T, g zoned.Geometry, size int64) (string, *image.Image, *zoned.Device) {
 	t.Helper()
 	p := createTestImage(t, g, size)
 	img, err := image.Open(p, image.OpenOptions{})
@@ -65,23 +66,23 @@ func openTestDevice(t *testing.T, g Geometry, size int64) (string, *image.Image,
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { img.Close() })
-	d, err := OpenImage(img)
+	d, err := OpenZones(img)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return p, img, d
 }
 
-// TestDeviceStateSurvivesReopen drives zones through a Device on a real
+// TestDeviceStateSurvivesReopen drives zones through a zoned.Device on a real
 // image file, closes it, and finds the conditions derived from the table.
 func TestDeviceStateSurvivesReopen(t *testing.T) {
 	const zs = 4 << 20
-	p := createTestImage(t, Geometry{ZoneSize: zs, ZoneCapacity: 3 << 20, ConventionalZones: 1, MaxOpenZones: 3, MaxActiveZones: 4, MaxAppendBytes: 64 << 10}, 32<<20)
+	p := createTestImage(t, zoned.Geometry{ZoneSize: zs, ZoneCapacity: 3 << 20, ConventionalZones: 1, MaxOpenZones: 3, MaxActiveZones: 4, MaxAppendBytes: 64 << 10}, 32<<20)
 	img, err := image.Open(p, image.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := OpenImage(img)
+	d, err := OpenZones(img)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +90,7 @@ func TestDeviceStateSurvivesReopen(t *testing.T) {
 	if _, err := d.WriteAt(data, 1*zs); err != nil { // zone 1: closed after reopen
 		t.Fatal(err)
 	}
-	if _, err := d.WriteAt(data, 2*zs+4096); !errors.Is(err, ErrNotAtWritePointer) {
+	if _, err := d.WriteAt(data, 2*zs+4096); !errors.Is(err, zoned.ErrNotAtWritePointer) {
 		t.Fatalf("write off the write pointer: err = %v", err)
 	}
 	at, err := d.Append(data[:64<<10], 3*zs) // zone 3: closed
@@ -117,14 +118,14 @@ func TestDeviceStateSurvivesReopen(t *testing.T) {
 	if res, err := img.Check(false); err != nil || !res.Clean() {
 		t.Fatalf("check: %v %+v", err, res)
 	}
-	d, err = OpenImage(img)
+	d, err = OpenZones(img)
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := []struct {
-		cond Condition
+		cond zoned.Condition
 		wp   int64
-	}{{NotWritePointer, 0}, {Closed, zs + 128<<10}, {Empty, 2 * zs}, {Closed, 3*zs + 64<<10}, {Full, 5 * zs}, {Empty, 5 * zs}, {Empty, 6 * zs}, {Empty, 7 * zs}}
+	}{{zoned.NotWritePointer, 0}, {zoned.Closed, zs + 128<<10}, {zoned.Empty, 2 * zs}, {zoned.Closed, 3*zs + 64<<10}, {zoned.Full, 5 * zs}, {zoned.Empty, 5 * zs}, {zoned.Empty, 6 * zs}, {zoned.Empty, 7 * zs}}
 	for i, z := range d.Report(0, 8) {
 		if z.Cond != want[i].cond || z.WritePointer != want[i].wp {
 			t.Errorf("zone %d after reopen: %v at %#x, want %v at %#x", i, z.Cond, z.WritePointer, want[i].cond, want[i].wp)
@@ -140,7 +141,7 @@ func TestDeviceStateSurvivesReopen(t *testing.T) {
 // the zone again does not grow the file.
 func TestResetGivesSpaceBack(t *testing.T) {
 	const zs = 8 << 20
-	p, img, d := openTestDevice(t, Geometry{ZoneSize: zs, ZoneCapacity: zs, MaxAppendBytes: 64 << 10}, 64<<20)
+	p, img, d := openTestDevice(t, zoned.Geometry{ZoneSize: zs, ZoneCapacity: zs, MaxAppendBytes: 64 << 10}, 64<<20)
 	data := bytes.Repeat([]byte{1}, zs)
 	if _, err := d.WriteAt(data, 0); err != nil {
 		t.Fatal(err)
@@ -175,7 +176,7 @@ func TestResetGivesSpaceBack(t *testing.T) {
 // moves write pointers without writing a cluster.
 func TestFinishAllocatesNothing(t *testing.T) {
 	const zs = 8 << 20
-	p, img, d := openTestDevice(t, Geometry{ZoneSize: zs, ZoneCapacity: zs, MaxAppendBytes: 64 << 10}, 64<<20)
+	p, img, d := openTestDevice(t, zoned.Geometry{ZoneSize: zs, ZoneCapacity: zs, MaxAppendBytes: 64 << 10}, 64<<20)
 	if _, err := d.WriteAt(make([]byte, 4096), zs); err != nil {
 		t.Fatal(err)
 	}
@@ -194,7 +195,7 @@ func TestFinishAllocatesNothing(t *testing.T) {
 		t.Fatalf("finish grew the file from %d to %d bytes", before.Size(), after.Size())
 	}
 	for i, z := range d.Report(0, 8) {
-		if z.Cond != Full {
+		if z.Cond != zoned.Full {
 			t.Errorf("zone %d is %v after finish, want full", i, z.Cond)
 		}
 	}
@@ -223,12 +224,12 @@ func TestConcurrentAppendsAndFlushesOnAnImage(t *testing.T) {
 		writers = 16
 		each    = 24 // 16 writers x 24 x 16 KiB = 6 MiB over 4 zones of 4 MiB
 	)
-	p := createTestImage(t, Geometry{ZoneSize: zs, ZoneCapacity: zs, MaxAppendBytes: 64 << 10, MaxOpenZones: 4}, 4*zs)
+	p := createTestImage(t, zoned.Geometry{ZoneSize: zs, ZoneCapacity: zs, MaxAppendBytes: 64 << 10, MaxOpenZones: 4}, 4*zs)
 	img, err := image.Open(p, image.OpenOptions{CacheSize: 64 << 10})
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := OpenImage(img)
+	d, err := OpenZones(img)
 	if err != nil {
 		t.Fatal(err)
 	}
