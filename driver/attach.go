@@ -59,14 +59,14 @@ func control() (*ublk.Control, error) {
 }
 
 func ublkOptions(v *volume.Volume) ublk.Options {
-	return ublk.Options{Zones: v.Zones, Tag: volume.Tag(v.Path),
+	return ublk.Options{Tag: volume.Tag(v.Path),
 		Logf: func(f string, a ...any) { klog.InfoS(fmt.Sprintf(f, a...)) }}
 }
 
 func nbdOptions(v *volume.Volume) nbdattach.Options {
 	o := nbdattach.Options{Index: nbdattach.Any, DeadConnTimeout: 10 * time.Minute, BackendID: volume.BackendID(v.Path),
 		Logf: func(f string, a ...any) { klog.InfoS(fmt.Sprintf(f, a...)) }}
-	if v.Zones != nil {
+	if v.Zones() != nil {
 		// One connection keeps each zone's writes in order.
 		o.Connections, o.BlockSize = 1, 512
 	}

@@ -569,7 +569,7 @@ func TestExpandAddsZones(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer vol.Close()
-	if n := vol.Zones.Geometry().NumZones(); n != 4 || vol.Backend.Size() != 16<<20 {
+	if n := vol.Zones().Geometry().NumZones(); n != 4 || vol.Backend.Size() != 16<<20 {
 		t.Fatalf("after expand: %d zones, %d bytes", n, vol.Backend.Size())
 	}
 }

@@ -123,13 +123,7 @@ func (d *Driver) flushAll() {
 	for _, id := range ids {
 		unlock := d.lock(id)
 		if v := d.node.get(id); v != nil && v.vol != nil {
-			var err error
-			if v.vol.Zones != nil {
-				err = v.vol.Zones.Flush()
-			} else {
-				err = v.vol.Img.Flush()
-			}
-			if err != nil {
+			if err := v.vol.Flush(); err != nil {
 				klog.ErrorS(err, "flushing a volume at exit", "volume", id)
 			}
 		}
@@ -487,15 +481,16 @@ func volumeStats(v *stagedVolume) stats {
 	if _, err := os.Stat(v.Image); err != nil && s.err == nil {
 		s.err = fmt.Errorf("the backing image: %w", err)
 	}
-	s.capacity = v.vol.Backend.Size()
-	if v.vol.Zones == nil {
+	s.capacity = v.vol.Size()
+	zones := v.vol.Zones()
+	if zones == nil {
 		return s
 	}
 	// Bytes written: the sum of the sequential zones' write pointers (from
 	// their starts), plus the whole conventional zones.
-	g := v.vol.Zones.Geometry()
+	g := zones.Geometry()
 	s.zones = map[zoned.Condition]int{}
-	for _, z := range v.vol.Zones.Report(0, g.NumZones()) {
+	for _, z := range zones.Report(0, g.NumZones()) {
 		if z.Type == zoned.Conventional {
 			s.written += z.Length
 			continue

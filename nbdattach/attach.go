@@ -268,6 +268,11 @@ const (
 // kernel replaces only dead connections: give as many as the device had
 // (opts.Connections). Size and flags stay as the device has them.
 func Recover(index int, b volume.Backend, opts Options) (*Device, error) {
+	if z := b.Zones(); z != nil {
+		// The kernel requeues what was in flight on the new connections,
+		// writes the dead server may have applied among them.
+		z.AcceptReplays()
+	}
 	exp := opts.export(b)
 	n, err := dialNBD()
 	if err != nil {

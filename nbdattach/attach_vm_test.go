@@ -279,7 +279,7 @@ func TestKernelAttachReadOnly(t *testing.T) {
 func TestKernelAttachZonedImage(t *testing.T) {
 	// Zone 0 conventional, zones 1..7 sequential (1 MiB, capacity 768 KiB).
 	path, img, dev := newZonedImage(t, 8<<20, 4)
-	d := attach(t, volume.Zoned{Img: img, Dev: dev}, Options{Index: Any, BlockSize: 512})
+	d := attach(t, &volume.Zoned{Img: img, Dev: dev}, Options{Index: Any, BlockSize: 512})
 	if got := deviceSize(t, d); got != 8<<20 {
 		t.Fatalf("%s size %d, want %d", d.Path(), got, 8<<20)
 	}
@@ -484,6 +484,98 @@ func TestKernelRecoverAfterServerDeath(t *testing.T) {
 		}
 	}
 	vmtest.CheckImageClean(t, path)
+}
+
+// applyThenDie is a zoned volume whose server dies after applying the
+// write at off and making it durable, before it answers: die closes the
+// server's ends of the connections, as a killed process's would.
+type applyThenDie struct {
+	*volume.Zoned
+	off     int64
+	die     func()
+	applied chan struct{} // closed once the write at off is durable
+}
+
+func (b *applyThenDie) WriteAt(p []byte, off int64) error {
+	err := b.Zoned.WriteAt(p, off)
+	if off != b.off || err != nil {
+		return err
+	}
+	if err := b.Zoned.Flush(); err != nil {
+		return err
+	}
+	b.die()
+	close(b.applied)
+	return errors.New("the server died") // its answer goes nowhere
+}
+
+// TestKernelRecoverAcceptsAZonedWriteTheDeadServerApplied: the kernel
+// sends a write that was in flight again on the recovered connection; the
+// dead server had applied it, so it lands below the write pointer with the
+// data already there, and must succeed, as on ublk.
+func TestKernelRecoverAcceptsAZonedWriteTheDeadServerApplied(t *testing.T) {
+	path, img, dev := newZonedImage(t, 8<<20, 4)
+	z1 := int64(testZoneSize) // the first sequential zone
+	dying := &applyThenDie{Zoned: &volume.Zoned{Img: img, Dev: dev}, off: z1, applied: make(chan struct{})}
+	opts := Options{Index: Any, BlockSize: 512, DeadConnTimeout: 60 * time.Second, BackendID: volume.BackendID(path)}
+	d, err := Attach(dying, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dying.die = func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		d.closing = true
+		for _, c := range d.conns {
+			c.Close()
+		}
+	}
+	f := vmtest.OpenDirect(t, d.Path())
+	defer f.Close()
+	a := vmtest.Pattern(64<<10, 31)
+	held := make(chan error, 1)
+	go func() { held <- vmtest.DirectWrite(f, a, z1, vmtest.AlignedBuf(t, 64<<10)) }()
+	select {
+	case <-dying.applied:
+	case err := <-held:
+		t.Fatalf("the write finished before the server died: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the write did not reach the server within 30s")
+	}
+	d.Close() // waits for the dead server's goroutines
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	v, err := volume.Open(path, image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	if z, _ := v.Zones().ZoneAt(z1); z.WritePointer != z1+int64(len(a)) {
+		t.Fatalf("write pointer %#x after the dead server's write, want %#x", z.WritePointer, z1+int64(len(a)))
+	}
+	d2, err := Recover(d.Index, v.Backend, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-held:
+		if err != nil {
+			t.Fatalf("the write the dead server applied, sent again after the recovery: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the held write did not finish within 30s of the recovery")
+	}
+	b := vmtest.Pattern(4096, 32)
+	if err := vmtest.DirectWrite(f, b, z1+int64(len(a)), vmtest.AlignedBuf(t, 4096)); err != nil {
+		t.Fatalf("the next write at the write pointer: %v", err)
+	}
+	if got := vmtest.DirectRead(t, f, z1, len(a)); !bytes.Equal(got, a) {
+		t.Fatal("the zone does not hold the write")
+	}
+	f.Close()
+	detach(t, d2)
 }
 
 // TestKernelDisconnectEndsServing: a DISCONNECT from outside (zq-csi

@@ -16,7 +16,7 @@ const zonedSize = 8 << 20
 func zonedExport(t *testing.T) (*Export, *zoned.Device) {
 	_, img, dev := newZonedImage(t, zonedSize, 2)
 	t.Cleanup(func() { dev.Flush(); img.Close() })
-	return &Export{Name: "z", Backend: volume.Zoned{Img: img, Dev: dev}}, dev
+	return &Export{Name: "z", Backend: &volume.Zoned{Img: img, Dev: dev}}, dev
 }
 
 func wp(t *testing.T, dev *zoned.Device, zone int) int64 {

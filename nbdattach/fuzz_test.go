@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/volume"
 )
 
 // memBackend is a volume.Backend in memory that reports any call reaching
@@ -30,8 +31,9 @@ func (m *memBackend) check(op string, off, n int64) bool {
 	return true
 }
 
-func (m *memBackend) Size() int64    { return int64(len(m.data)) }
-func (m *memBackend) ReadOnly() bool { return false }
+func (m *memBackend) Size() int64         { return int64(len(m.data)) }
+func (m *memBackend) ReadOnly() bool      { return false }
+func (m *memBackend) Zones() volume.Zones { return nil }
 func (m *memBackend) ReadAt(p []byte, off int64) error {
 	if !m.check("read", off, int64(len(p))) {
 		return syscall.EINVAL

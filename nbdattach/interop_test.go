@@ -221,7 +221,7 @@ func TestInteropNbdcopyRoundTripsAWholeImage(t *testing.T) {
 func TestInteropZonedExportObeysTheWritePointer(t *testing.T) {
 	interop(t, "qemu-io")
 	_, img, dev := newZonedImage(t, 8<<20, 0)
-	sock, s := listen(t, &Export{Backend: volume.Zoned{Img: img, Dev: dev}})
+	sock, s := listen(t, &Export{Backend: &volume.Zoned{Img: img, Dev: dev}})
 	u := uri(sock, "")
 	z2 := int64(2 * testZoneSize)
 	qio := func(cmds ...string) string {

@@ -13,7 +13,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/zq-csi/zq-csi/image"
 	"github.com/zq-csi/zq-csi/volume"
 )
 
@@ -721,13 +720,13 @@ func (c *conn) handle(req request, payload []byte) {
 func (c *conn) structuredRead(req request) {
 	b := c.exp.Backend
 	off, n := int64(req.offset), int64(req.length)
-	var exts []image.Extent
+	var exts []volume.Extent
 	if req.flags&cmdFlagDF == 0 {
 		exts, _ = b.Map(off, n) // on error: all data
 	}
 	exts = clip(exts, off, n)
 	if len(exts) == 0 {
-		exts = []image.Extent{{Offset: off, Length: n, Data: true}}
+		exts = []volume.Extent{{Offset: off, Length: n, Data: true}}
 	}
 	buf := make([]byte, n)
 	for _, e := range exts {
@@ -761,7 +760,7 @@ func (c *conn) structuredRead(req request) {
 // clip drops empty extents and any part outside [off, off+n), so that no
 // chunk or descriptor is empty or out of the request. It returns nil unless
 // the extents then cover the range exactly, in order.
-func clip(exts []image.Extent, off, n int64) []image.Extent {
+func clip(exts []volume.Extent, off, n int64) []volume.Extent {
 	out := exts[:0:0]
 	pos := off
 	for _, e := range exts {

@@ -13,7 +13,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/zq-csi/zq-csi/volume"
-	"github.com/zq-csi/zq-csi/zoned"
 )
 
 // Sentinel errors callers branch on.
@@ -31,9 +30,6 @@ var (
 
 // Options tune a device. The zero value picks the defaults.
 type Options struct {
-	// Zones makes the device host-managed zoned, served by this zone
-	// state machine (over the same image as the volume.Backend).
-	Zones *zoned.Device
 	// Queues is the number of hardware queues, each with its own ring
 	// thread, which runs on the CPUs the kernel maps to its queue (default:
 	// one per CPU this process may use; the kernel caps it at the CPU
@@ -66,7 +62,7 @@ type Device struct {
 	info  DevInfo
 	char  *os.File
 	b     volume.Backend
-	zones *zoned.Device
+	zones volume.Zones // b.Zones(): nil for a plain device
 	logf  func(string, ...any)
 
 	queues  []*queue
@@ -81,10 +77,6 @@ type Device struct {
 	logMu      sync.Mutex
 	lastLog    time.Time
 	suppressed int
-
-	// replaying marks the sequential zones a recovered device may see
-	// requests reissued for (see Recover), until their next ordinary write.
-	replaying []atomic.Bool
 }
 
 // Path is the block device, /dev/ublkbN.
@@ -130,7 +122,7 @@ func params(b volume.Backend, opts *Options) (Params, error) {
 	bs := opts.LogicalBlockSize
 	if bs == 0 {
 		bs = 512
-		if opts.Zones == nil && size%4096 == 0 {
+		if b.Zones() == nil && size%4096 == 0 {
 			bs = 4096
 		}
 	}
@@ -158,10 +150,10 @@ func params(b volume.Backend, opts *Options) (Params, error) {
 	}
 	const maxUnmapSectors = 1 << 30 // 512 GiB per discard or write zeroes
 	p.MaxDiscardSectors, p.MaxWriteZeroesSectors = maxUnmapSectors, maxUnmapSectors
-	if opts.Zones == nil {
+	if b.Zones() == nil {
 		return p, nil
 	}
-	g := opts.Zones.Geometry()
+	g := b.Zones().Geometry()
 	zs := g.ZoneSize / 512
 	if err := g.CheckLinux(); err != nil {
 		return Params{}, fmt.Errorf("%w; attach with --backend nbd (a plain disk, zones kept by zq-csi): %w", err, ErrGeometry)
@@ -204,7 +196,7 @@ func (opts *Options) setDefaults() {
 }
 
 func newDevice(ctrl *Control, b volume.Backend, opts Options, info DevInfo) *Device {
-	return &Device{ctrl: ctrl, info: info, b: b, zones: opts.Zones, logf: opts.Logf, stopped: make(chan struct{})}
+	return &Device{ctrl: ctrl, info: info, b: b, zones: b.Zones(), logf: opts.Logf, stopped: make(chan struct{})}
 }
 
 // Create adds a ublk device serving b, starts its queues and the block
@@ -218,7 +210,7 @@ func Create(ctrl *Control, b volume.Backend, opts Options) (*Device, error) {
 		return nil, err
 	}
 	flags := uint64(flagUserRecovery | flagUserRecoveryReissue | flagCmdIoctlEncode | flagUserCopy)
-	if opts.Zones != nil {
+	if b.Zones() != nil {
 		flags |= flagZoned
 		features, err := ctrl.Features()
 		if err != nil {
@@ -298,10 +290,7 @@ func Recover(ctrl *Control, id uint32, b volume.Backend, opts Options, wait time
 	}
 	d := newDevice(ctrl, b, opts, info)
 	if d.zones != nil {
-		d.replaying = make([]atomic.Bool, d.zones.Geometry().NumZones())
-		for i := range d.replaying {
-			d.replaying[i].Store(true)
-		}
+		d.zones.AcceptReplays() // the kernel reissues what was in flight
 	}
 	if err := d.start(Params{}, func() error { return ctrl.EndRecovery(id, os.Getpid()) }); err != nil {
 		return nil, err

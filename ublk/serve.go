@@ -1,8 +1,6 @@
 package ublk
 
 import (
-	"bytes"
-	"errors"
 	"fmt"
 	"io"
 	"syscall"
@@ -10,7 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/zq-csi/zq-csi/zoned"
+	"github.com/zq-csi/zq-csi/volume"
 )
 
 // serve runs one request from the kernel and returns its result for the
@@ -77,8 +75,8 @@ func (d *Device) Stats() Stats {
 // handle returns the bytes done (the result the kernel wants for requests
 // with data) and, for a zone append, the sector where the data landed.
 func (d *Device) handle(q *queue, tag int, r iod) (n int, lba uint64, err error) {
-	off := int64(r.startSector) * zoned.SectorSize
-	n = int(r.nrSectors) * zoned.SectorSize
+	off := int64(r.startSector) * volume.SectorSize
+	n = int(r.nrSectors) * volume.SectorSize
 	switch r.op {
 	case opReadIO:
 		buf := d.bufs.get(n)
@@ -91,7 +89,7 @@ func (d *Device) handle(q *queue, tag int, r iod) (n int, lba uint64, err error)
 		buf := d.bufs.get(n)
 		defer d.bufs.put(buf)
 		if err = q.copyIn(tag, buf); err == nil {
-			err = d.write(buf, off)
+			err = d.b.WriteAt(buf, off)
 		}
 		if err == nil && r.flags&ioFlagFUA != 0 {
 			err = d.b.Flush()
@@ -118,7 +116,7 @@ func (d *Device) handle(q *queue, tag int, r iod) (n int, lba uint64, err error)
 		if err == nil && r.flags&ioFlagFUA != 0 {
 			err = d.b.Flush()
 		}
-		return n, uint64(at / zoned.SectorSize), err
+		return n, uint64(at / volume.SectorSize), err
 	case opReportZones:
 		n, err = d.report(q, tag, off, int(r.nrSectors))
 		return n, 0, err
@@ -127,64 +125,13 @@ func (d *Device) handle(q *queue, tag int, r iod) (n int, lba uint64, err error)
 	case opZoneClose:
 		return 0, 0, d.zones.Close(off, d.zones.Geometry().ZoneSize)
 	case opZoneFinish:
-		d.replayDone(off)
 		return 0, 0, d.zones.Finish(off, d.zones.Geometry().ZoneSize)
 	case opZoneReset:
-		d.replayDone(off)
 		return 0, 0, d.zones.Reset(off, d.zones.Geometry().ZoneSize)
 	case opZoneResetAll:
-		for i := range d.replaying {
-			d.replaying[i].Store(false)
-		}
 		return 0, 0, d.zones.ResetAll()
 	}
 	return 0, 0, fmt.Errorf("unknown operation %d: %w", r.op, syscall.EOPNOTSUPP)
-}
-
-// write writes p at off. On a recovered device, a write the dead server had
-// already applied comes again (the kernel reissues what was in flight): it
-// lands below the write pointer of its sequential zone with the same data,
-// and succeeds, until the zone's first ordinary write (the kernel keeps one
-// write per zone in flight, so reissued ones come first).
-func (d *Device) write(p []byte, off int64) error {
-	err := d.b.WriteAt(p, off)
-	if err == nil {
-		d.replayDone(off)
-		return nil
-	}
-	if errors.Is(err, zoned.ErrNotAtWritePointer) && d.replayed(p, off) {
-		d.logf("ublk device %d: write at %#x+%#x was applied before the recovery: accepted again", d.info.ID, off, len(p))
-		return nil
-	}
-	return err
-}
-
-func (d *Device) replayDone(off int64) {
-	if d.replaying != nil {
-		if i := d.zones.Geometry().ZoneIndex(off); i >= 0 {
-			d.replaying[i].Store(false)
-		}
-	}
-}
-
-func (d *Device) replayed(p []byte, off int64) bool {
-	if d.replaying == nil {
-		return false
-	}
-	i := d.zones.Geometry().ZoneIndex(off)
-	if i < 0 || !d.replaying[i].Load() {
-		return false
-	}
-	z, err := d.zones.ZoneAt(off)
-	if err != nil || off+int64(len(p)) > z.WritePointer {
-		return false
-	}
-	have := d.bufs.get(len(p))
-	defer d.bufs.put(have)
-	if _, err := d.zones.ReadAt(have, off); err != nil {
-		return false
-	}
-	return bytes.Equal(have, p)
 }
 
 // report answers REPORT_ZONES: up to nr zones from the one at off, as
@@ -196,11 +143,11 @@ func (d *Device) report(q *queue, tag int, off int64, nr int) (int, error) {
 	g := d.zones.Geometry()
 	zones := d.zones.Report(g.ZoneIndex(off), nr)
 	if len(zones) == 0 {
-		return 0, fmt.Errorf("report zones at %#x: %w", off, zoned.ErrOutOfRange)
+		return 0, fmt.Errorf("report zones at %#x: outside the device: %w", off, syscall.EINVAL)
 	}
 	buf := d.bufs.get(len(zones) * blkZoneSize)
 	defer d.bufs.put(buf)
-	const s = zoned.SectorSize
+	const s = volume.SectorSize
 	for i, z := range zones {
 		putBlkZone(buf[i*blkZoneSize:], uint64(z.Start/s), uint64(z.Length/s), uint64(z.WritePointer/s),
 			uint64(z.Capacity/s), uint8(z.Type), uint8(z.Cond))

@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"unsafe"
 
@@ -187,7 +186,7 @@ func TestParamsRefuseWhatUblkCannotExpose(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			v := zonedImage(t, tc.size, tc.g)
-			opts := Options{Zones: v.Zones, LogicalBlockSize: tc.bs}
+			opts := Options{LogicalBlockSize: tc.bs}
 			opts.setDefaults()
 			p, err := params(v, &opts)
 			if tc.want == "" {
@@ -355,46 +354,3 @@ func TestBufferPoolSizeClasses(t *testing.T) {
 	}
 }
 
-// A recovered device accepts a write the dead server had already applied
-// (same place below the write pointer, same data), only until the zone's
-// next ordinary write, and never different data.
-func TestRecoveredDeviceAcceptsReissuedWrites(t *testing.T) {
-	v := zonedImage(t, 4<<20, zoned.Geometry{ZoneSize: 1 << 20, ZoneCapacity: 1 << 20, MaxAppendBytes: 64 << 10})
-	zd := v.Zones
-	a, b := bytes.Repeat([]byte{0xaa}, 4096), bytes.Repeat([]byte{0xbb}, 4096)
-	if _, err := zd.WriteAt(a, 1<<20); err != nil { // applied by the "dead server"
-		t.Fatal(err)
-	}
-	var logged []string
-	d := &Device{b: v, zones: zd, replaying: make([]atomic.Bool, 4),
-		logf: func(f string, args ...any) { logged = append(logged, f) }}
-	for i := range d.replaying {
-		d.replaying[i].Store(true)
-	}
-	if err := d.write(b, 1<<20); !errors.Is(err, zoned.ErrNotAtWritePointer) {
-		t.Fatalf("reissue with different data: %v, want ErrNotAtWritePointer", err)
-	}
-	if err := d.write(a, 1<<20); err != nil {
-		t.Fatalf("reissue of the applied write: %v", err)
-	}
-	if len(logged) != 1 {
-		t.Fatalf("logged %q, want one note of the accepted reissue", logged)
-	}
-	if z, _ := zd.ZoneAt(1 << 20); z.WritePointer != 1<<20+4096 {
-		t.Fatalf("write pointer %#x after the reissue, want unchanged %#x", z.WritePointer, 1<<20+4096)
-	}
-	if err := d.write(b, 1<<20+4096); err != nil {
-		t.Fatalf("ordinary write at the write pointer: %v", err)
-	}
-	if err := d.write(a, 1<<20); !errors.Is(err, zoned.ErrNotAtWritePointer) {
-		t.Fatalf("a repeat after the zone's first ordinary write: %v, want ErrNotAtWritePointer", err)
-	}
-	// Zone 2 was never marked: no tolerance there.
-	d.replaying[2].Store(false)
-	if _, err := zd.WriteAt(a, 2<<20); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.write(a, 2<<20); !errors.Is(err, zoned.ErrNotAtWritePointer) {
-		t.Fatalf("repeat on a device not recovering: %v", err)
-	}
-}

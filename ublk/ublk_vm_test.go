@@ -63,8 +63,10 @@ func serve(t *testing.T, path string, opts ublk.Options) *served {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &served{vol: v, zd: v.Zones}
-	opts.Zones = v.Zones
+	s := &served{vol: v}
+	if z, ok := v.Backend.(*volume.Zoned); ok {
+		s.zd = z.Dev // the zone model's own view, to check the kernel's against
+	}
 	if s.ctrl, err = ublk.OpenControl(); err != nil {
 		t.Fatal(err)
 	}

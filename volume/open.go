@@ -7,15 +7,15 @@ import (
 	"path/filepath"
 
 	"github.com/zq-csi/zq-csi/image"
-	"github.com/zq-csi/zq-csi/zoned"
 )
 
-// Volume is an open image as a frontend serves it.
+// Volume is an open image as a frontend serves it: its Backend (Plain, or
+// Zoned for a zoned image, whose zone side is Zones()) is the one way to
+// its blocks and zones.
 type Volume struct {
-	Backend               // Plain, or Zoned for a zoned image
-	Path    string        // the image file
-	Img     *image.Image  // the image
-	Zones   *zoned.Device // the zone model of a zoned image; nil for a plain one
+	Backend
+	Path string       // the image file
+	Img  *image.Image // the image, for what is not I/O: info, journal, closing
 }
 
 // Open opens the image at path with opts and, if it is zoned, its zone
@@ -52,7 +52,7 @@ func Open(path string, opts image.OpenOptions) (*Volume, error) {
 		img.Close()
 		return nil, fmt.Errorf("zoned image: %w", err)
 	}
-	return &Volume{Backend: Zoned{Img: img, Dev: dev}, Path: path, Img: img, Zones: dev}, nil
+	return &Volume{Backend: &Zoned{Img: img, Dev: dev}, Path: path, Img: img}, nil
 }
 
 // Tag identifies the image at path for the kernel frontends, which keep it
@@ -77,12 +77,7 @@ func BackendID(path string) string { return fmt.Sprintf("zq-csi:%016x", Tag(path
 func (v *Volume) Close() error {
 	var err error
 	if !v.Img.ReadOnly() {
-		if v.Zones != nil {
-			err = v.Zones.Flush()
-		} else {
-			err = v.Img.Flush()
-		}
-		if err != nil {
+		if err = v.Flush(); err != nil {
 			err = fmt.Errorf("flush: %w", err)
 		}
 	}

@@ -9,8 +9,10 @@
 package volume
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/zq-csi/zq-csi/image"
@@ -34,13 +36,53 @@ type Backend interface {
 	// writing zeros slowly.
 	WriteZeroes(off, length int64, noHole, fast bool) error
 	// Map reports [off, off+length) as runs of data and zeros.
-	Map(off, length int64) ([]image.Extent, error)
+	Map(off, length int64) ([]Extent, error)
 	// Errno maps an error of the backend to an errno.
 	Errno(err error) syscall.Errno
 	// OrderKey says whether a write at off must run after the writes
 	// received before it with the same key (a sequential zone), so that
 	// a client's pipelined writes at the write pointer stay in order.
 	OrderKey(off int64) (key int64, ordered bool)
+	// Zones is the zone side of a zoned volume; nil for a plain one.
+	Zones() Zones
+}
+
+// The lower layers' shapes, for frontends that reach an image only through
+// this package.
+type (
+	Geometry = zoned.Geometry
+	Zone     = zoned.Zone
+	Extent   = image.Extent // a run of Map: data or zeros
+)
+
+// SectorSize is the zone model's unit: offsets and lengths of zone
+// requests, and write pointers, are multiples of it.
+const SectorSize = zoned.SectorSize
+
+// Zones is what a zoned volume serves besides blocks, every request checked
+// by the zone model: reports, appends and zone management. Offsets name a
+// zone by its start; a length covers whole zones.
+type Zones interface {
+	Geometry() Geometry
+	// Report returns up to n zones from zone first.
+	Report(first, n int) []Zone
+	ZoneAt(off int64) (Zone, error)
+	// Append writes p at the write pointer of the zone at off and
+	// returns where it landed.
+	Append(p []byte, off int64) (int64, error)
+	Open(off, length int64) error
+	Close(off, length int64) error
+	Finish(off, length int64) error
+	Reset(off, length int64) error
+	ResetAll() error
+	// AcceptReplays is for a frontend that takes over a device whose
+	// server died, before it serves: the kernel sends again the writes
+	// that were in flight, some of which the dead server had applied.
+	// Such a write lands below its zone's write pointer with the data
+	// already there, and succeeds, until the zone's first write at the
+	// write pointer, finish or reset (the kernel keeps one write per zone
+	// in flight, so the reissued ones come first).
+	AcceptReplays()
 }
 
 // Plain serves a plain (or zoned, ignoring its zones) image.
@@ -63,9 +105,10 @@ func (b Plain) Trim(off, length int64) error { return b.Img.Discard(off, length)
 func (b Plain) WriteZeroes(off, length int64, noHole, fast bool) error {
 	return b.Img.WriteZeroes(off, length, !noHole)
 }
-func (b Plain) Map(off, length int64) ([]image.Extent, error) { return b.Img.Map(off, length) }
-func (b Plain) Errno(err error) syscall.Errno                 { return imageErrno(err) }
-func (b Plain) OrderKey(int64) (int64, bool)                  { return 0, false }
+func (b Plain) Map(off, length int64) ([]Extent, error) { return b.Img.Map(off, length) }
+func (b Plain) Errno(err error) syscall.Errno           { return imageErrno(err) }
+func (b Plain) OrderKey(int64) (int64, bool)            { return 0, false }
+func (b Plain) Zones() Zones                            { return nil }
 
 func imageErrno(err error) syscall.Errno {
 	switch {
@@ -92,30 +135,103 @@ func imageErrno(err error) syscall.Errno {
 type Zoned struct {
 	Img *image.Image
 	Dev *zoned.Device
+	// replaying, set by AcceptReplays, has a flag per zone that may still
+	// see a reissued write.
+	replaying []atomic.Bool
 }
 
-var _ Backend = Zoned{}
+var (
+	_ Backend = (*Zoned)(nil)
+	_ Zones   = (*Zoned)(nil)
+)
 
-func (b Zoned) Size() int64    { return b.Dev.Geometry().Size }
-func (b Zoned) ReadOnly() bool { return b.Img.ReadOnly() }
-func (b Zoned) ReadAt(p []byte, off int64) error {
+func (b *Zoned) Size() int64    { return b.Dev.Geometry().Size }
+func (b *Zoned) ReadOnly() bool { return b.Img.ReadOnly() }
+func (b *Zoned) ReadAt(p []byte, off int64) error {
 	_, err := b.Dev.ReadAt(p, off)
 	return err
 }
-func (b Zoned) WriteAt(p []byte, off int64) error {
+
+// WriteAt writes p at off, accepting a reissued write after AcceptReplays.
+func (b *Zoned) WriteAt(p []byte, off int64) error {
 	_, err := b.Dev.WriteAt(p, off)
+	if err == nil {
+		b.replayDone(off)
+		return nil
+	}
+	if errors.Is(err, zoned.ErrNotAtWritePointer) && b.replayed(p, off) {
+		return nil
+	}
 	return err
 }
-func (b Zoned) Flush() error { return b.Dev.Flush() }
+func (b *Zoned) Flush() error { return b.Dev.Flush() }
+func (b *Zoned) Zones() Zones { return b }
 
-func (b Zoned) convEnd() int64 {
+func (b *Zoned) Geometry() Geometry                        { return b.Dev.Geometry() }
+func (b *Zoned) Report(first, n int) []Zone                { return b.Dev.Report(first, n) }
+func (b *Zoned) ZoneAt(off int64) (Zone, error)            { return b.Dev.ZoneAt(off) }
+func (b *Zoned) Append(p []byte, off int64) (int64, error) { return b.Dev.Append(p, off) }
+func (b *Zoned) Open(off, length int64) error              { return b.Dev.Open(off, length) }
+func (b *Zoned) Close(off, length int64) error             { return b.Dev.Close(off, length) }
+func (b *Zoned) Finish(off, length int64) error {
+	b.replayDone(off)
+	return b.Dev.Finish(off, length)
+}
+func (b *Zoned) Reset(off, length int64) error {
+	b.replayDone(off)
+	return b.Dev.Reset(off, length)
+}
+func (b *Zoned) ResetAll() error {
+	for i := range b.replaying {
+		b.replaying[i].Store(false)
+	}
+	return b.Dev.ResetAll()
+}
+
+func (b *Zoned) AcceptReplays() {
+	b.replaying = make([]atomic.Bool, b.Dev.Geometry().NumZones())
+	for i := range b.replaying {
+		b.replaying[i].Store(true)
+	}
+}
+
+func (b *Zoned) replayDone(off int64) {
+	if b.replaying != nil {
+		if i := b.Dev.Geometry().ZoneIndex(off); i >= 0 {
+			b.replaying[i].Store(false)
+		}
+	}
+}
+
+// replayed reports whether p at off is a reissued write: its zone may
+// still see one, and p is what the zone holds there already.
+func (b *Zoned) replayed(p []byte, off int64) bool {
+	if b.replaying == nil {
+		return false
+	}
+	i := b.Dev.Geometry().ZoneIndex(off)
+	if i < 0 || !b.replaying[i].Load() {
+		return false
+	}
+	z, err := b.Dev.ZoneAt(off)
+	if err != nil || off+int64(len(p)) > z.WritePointer {
+		return false
+	}
+	have := make([]byte, len(p))
+	if _, err := b.Dev.ReadAt(have, off); err != nil {
+		return false
+	}
+	return bytes.Equal(have, p)
+}
+
+func (b *Zoned) convEnd() int64 {
 	g := b.Dev.Geometry()
 	return min(int64(g.ConventionalZones)*g.ZoneSize, g.Size)
 }
 
 // Trim discards the conventional part of the range and resets the
 // sequential zones it covers, which it must cover whole.
-func (b Zoned) Trim(off, length int64) error {
+func (b *Zoned) Trim(off, length int64) error {
 	g := b.Dev.Geometry()
 	end := off + length
 	ce := b.convEnd()
@@ -151,7 +267,7 @@ const zeroChunk = 1 << 20
 
 var zeros = make([]byte, zeroChunk)
 
-func (b Zoned) WriteZeroes(off, length int64, noHole, fast bool) error {
+func (b *Zoned) WriteZeroes(off, length int64, noHole, fast bool) error {
 	ce := b.convEnd()
 	end := off + length
 	if end <= ce {
@@ -188,16 +304,16 @@ func (b Zoned) WriteZeroes(off, length int64, noHole, fast bool) error {
 	return nil
 }
 
-func (b Zoned) Map(off, length int64) ([]image.Extent, error) { return b.Img.Map(off, length) }
+func (b *Zoned) Map(off, length int64) ([]Extent, error) { return b.Img.Map(off, length) }
 
-func (b Zoned) Errno(err error) syscall.Errno {
+func (b *Zoned) Errno(err error) syscall.Errno {
 	if errors.Is(err, image.ErrReadOnly) {
 		return syscall.EPERM
 	}
 	return zoned.Errno(err)
 }
 
-func (b Zoned) OrderKey(off int64) (int64, bool) {
+func (b *Zoned) OrderKey(off int64) (int64, bool) {
 	g := b.Dev.Geometry()
 	i := g.ZoneIndex(off)
 	return int64(i), i >= g.ConventionalZones

@@ -15,7 +15,7 @@ const zoneSize = 1 << 20
 
 // zonedVolume is a real 8-zone image, zone 0 conventional, opened
 // read-write.
-func zonedVolume(t *testing.T) Zoned {
+func zonedVolume(t *testing.T) *Zoned {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "z.qcow2")
 	g := zoned.Geometry{ZoneSize: zoneSize, ZoneCapacity: zoneSize, ConventionalZones: 1, MaxAppendBytes: 64 << 10}
@@ -31,10 +31,10 @@ func zonedVolume(t *testing.T) Zoned {
 			t.Error(err)
 		}
 	})
-	return v.Backend.(Zoned)
+	return v.Backend.(*Zoned)
 }
 
-func wp(t *testing.T, v Zoned, zone int) int64 {
+func wp(t *testing.T, v *Zoned, zone int) int64 {
 	t.Helper()
 	return v.Dev.Report(zone, 1)[0].WritePointer - int64(zone)*zoneSize
 }
@@ -43,17 +43,17 @@ func TestZonedTrimAndWriteZeroesKeepTheZoneRules(t *testing.T) {
 	data := bytes.Repeat([]byte{0xab}, 64<<10)
 	for _, tc := range []struct {
 		name    string
-		op      func(v Zoned) error
+		op      func(v *Zoned) error
 		wantErr error
 		wantWP  int64 // of zone 1, which holds 64 KiB of data before the op
 	}{
-		{"trim of a whole sequential zone resets it", func(v Zoned) error { return v.Trim(zoneSize, zoneSize) }, nil, 0},
-		{"trim of part of a sequential zone is refused", func(v Zoned) error { return v.Trim(zoneSize, 4096) }, zoned.ErrUnaligned, 64 << 10},
-		{"trim of the conventional zone discards", func(v Zoned) error { return v.Trim(0, zoneSize) }, nil, 64 << 10},
-		{"zeros at the write pointer are written", func(v Zoned) error { return v.WriteZeroes(zoneSize+64<<10, 8192, false, false) }, nil, 64<<10 + 8192},
-		{"zeros off the write pointer are refused", func(v Zoned) error { return v.WriteZeroes(zoneSize, 8192, false, false) }, zoned.ErrNotAtWritePointer, 64 << 10},
-		{"fast zeros in a sequential zone are not supported", func(v Zoned) error { return v.WriteZeroes(zoneSize+64<<10, 8192, false, true) }, syscall.ENOTSUP, 64 << 10},
-		{"zeros from the conventional into a sequential zone are refused", func(v Zoned) error { return v.WriteZeroes(zoneSize-4096, 8192, false, false) }, zoned.ErrCrossesZone, 64 << 10},
+		{"trim of a whole sequential zone resets it", func(v *Zoned) error { return v.Trim(zoneSize, zoneSize) }, nil, 0},
+		{"trim of part of a sequential zone is refused", func(v *Zoned) error { return v.Trim(zoneSize, 4096) }, zoned.ErrUnaligned, 64 << 10},
+		{"trim of the conventional zone discards", func(v *Zoned) error { return v.Trim(0, zoneSize) }, nil, 64 << 10},
+		{"zeros at the write pointer are written", func(v *Zoned) error { return v.WriteZeroes(zoneSize+64<<10, 8192, false, false) }, nil, 64<<10 + 8192},
+		{"zeros off the write pointer are refused", func(v *Zoned) error { return v.WriteZeroes(zoneSize, 8192, false, false) }, zoned.ErrNotAtWritePointer, 64 << 10},
+		{"fast zeros in a sequential zone are not supported", func(v *Zoned) error { return v.WriteZeroes(zoneSize+64<<10, 8192, false, true) }, syscall.ENOTSUP, 64 << 10},
+		{"zeros from the conventional into a sequential zone are refused", func(v *Zoned) error { return v.WriteZeroes(zoneSize-4096, 8192, false, false) }, zoned.ErrCrossesZone, 64 << 10},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			v := zonedVolume(t)
@@ -124,8 +124,8 @@ func TestOpenPicksTheBackend(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := v.Backend.(Plain); !ok || v.Zones != nil || !v.Img.ReadOnly() {
-		t.Fatalf("plain image: backend %T, zones %v, read-only %v", v.Backend, v.Zones, v.Img.ReadOnly())
+	if _, ok := v.Backend.(Plain); !ok || v.Zones() != nil || !v.Img.ReadOnly() {
+		t.Fatalf("plain image: backend %T, zones %v, read-only %v", v.Backend, v.Zones(), v.Img.ReadOnly())
 	}
 	if err := v.Close(); err != nil {
 		t.Fatal(err)
@@ -145,5 +145,50 @@ func TestTagIdentifiesTheImageByItsAbsolutePath(t *testing.T) {
 	}
 	if id := BackendID(a); len(id) != len("zq-csi:")+16 || id == BackendID(b) {
 		t.Fatalf("BackendID %q", id)
+	}
+}
+
+// After AcceptReplays (a frontend took over a dead server's device), a
+// write the dead server had applied (same place below the write pointer,
+// same data) succeeds, only until the zone's next write at the write
+// pointer or reset, and never with different data.
+func TestZonedAcceptsReplaysUntilTheZonesNextWrite(t *testing.T) {
+	z := zonedVolume(t)
+	a, b := bytes.Repeat([]byte{0xaa}, 4096), bytes.Repeat([]byte{0xbb}, 4096)
+	seq := int64(z.Dev.Geometry().ConventionalZones) * zoneSize // the first sequential zone
+	for _, off := range []int64{seq, seq + zoneSize} {           // applied by the "dead server"
+		if err := z.WriteAt(a, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := z.WriteAt(a, seq); !errors.Is(err, zoned.ErrNotAtWritePointer) {
+		t.Fatalf("a repeat before AcceptReplays: %v, want ErrNotAtWritePointer", err)
+	}
+	z.AcceptReplays()
+	if err := z.WriteAt(b, seq); !errors.Is(err, zoned.ErrNotAtWritePointer) {
+		t.Fatalf("reissue with different data: %v, want ErrNotAtWritePointer", err)
+	}
+	if err := z.WriteAt(a, seq); err != nil {
+		t.Fatalf("reissue of the applied write: %v", err)
+	}
+	if got := wp(t, z, int(seq/zoneSize)); got != 4096 {
+		t.Fatalf("write pointer %#x after the reissue, want unchanged 0x1000", got)
+	}
+	if err := z.WriteAt(b, seq+4096); err != nil {
+		t.Fatalf("write at the write pointer: %v", err)
+	}
+	if err := z.WriteAt(a, seq); !errors.Is(err, zoned.ErrNotAtWritePointer) {
+		t.Fatalf("a repeat after the zone's next write: %v, want ErrNotAtWritePointer", err)
+	}
+	// A reset ends the tolerance too: the zone's data is gone.
+	next := seq + zoneSize
+	if err := z.Reset(next, zoneSize); err != nil {
+		t.Fatal(err)
+	}
+	if err := z.WriteAt(a, next); err != nil {
+		t.Fatalf("write at the reset zone's start: %v", err)
+	}
+	if err := z.WriteAt(a, next); !errors.Is(err, zoned.ErrNotAtWritePointer) {
+		t.Fatalf("a repeat after a reset: %v, want ErrNotAtWritePointer", err)
 	}
 }

@@ -173,7 +173,7 @@ func runAttach(e *env, args []string) int {
 
 	var d attached
 	if *backend != "nbd" {
-		opts := ublk.Options{Zones: vol.Zones, Queues: *queues, QueueDepth: *depth, LogicalBlockSize: int(*blockSize),
+		opts := ublk.Options{Queues: *queues, QueueDepth: *depth, LogicalBlockSize: int(*blockSize),
 			Tag:  volume.Tag(operands[0]),
 			Logf: func(f string, a ...any) { e.errorf("attach: "+f, a...) }}
 		d, err = attachUBLK(vol.Backend, opts, *recoverDev)
@@ -183,7 +183,7 @@ func runAttach(e *env, args []string) int {
 		}
 	}
 	if err == nil && d == nil {
-		d, err = attachNBD(vol.Backend, vol.Zones != nil, nbdOptions{
+		d, err = attachNBD(vol.Backend, vol.Zones() != nil, nbdOptions{
 			backendID: volume.BackendID(operands[0]),
 			conns:     *conns, blockSize: *blockSize, readOnly: *readOnly, timeout: *timeout,
 			deadConn: *deadConn, device: *device, recoverDev: *recoverDev,

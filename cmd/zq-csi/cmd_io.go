@@ -6,7 +6,7 @@ package main
 // qemu-io, a failed command does not stop the next ones, but the process
 // then exits 1.
 //
-// On a zoned image the session also opens a zoned.Device over it, and
+// On a zoned image the session serves it through its zone model, and
 // reads, writes and the zone commands (cmd_io_zone.go) go through it: the
 // zone rules apply, and the open conditions of zones last as long as the
 // session, as in qemu-io. The device's failures print qemu-io's line on
@@ -40,8 +40,9 @@ const defaultWritePattern = 0xcd
 
 // ioSession is one open image and where the commands print.
 type ioSession struct {
-	vol  *volume.Volume // the image, and its zoned device (nil for a plain image)
-	out  io.Writer      // command output (stdout)
+	vol   *volume.Volume // the image: its blocks through the Backend
+	zones volume.Zones   // vol.Zones(): nil for a plain image
+	out   io.Writer      // command output (stdout)
 	errw io.Writer      // error messages (stderr)
 	quit bool
 }
@@ -83,16 +84,16 @@ func init() {
 			minArgs: 2, maxArgs: 2, run: ioZoneReport,
 			help: "report nr zones from the zone holding off: start, len, cap and wptr in 512-byte sectors, zcond and type"},
 		{name: "zone_open", alias: "zo", synopsis: "off len",
-			minArgs: 2, maxArgs: 2, run: ioZoneMgmt("zone open", (*zoned.Device).Open),
+			minArgs: 2, maxArgs: 2, run: ioZoneMgmt("zone open", volume.Zones.Open),
 			help: "explicitly open the zones in [off, off+len)"},
 		{name: "zone_close", alias: "zc", synopsis: "off len",
-			minArgs: 2, maxArgs: 2, run: ioZoneMgmt("zone close", (*zoned.Device).Close),
+			minArgs: 2, maxArgs: 2, run: ioZoneMgmt("zone close", volume.Zones.Close),
 			help: "close the open zones in [off, off+len)"},
 		{name: "zone_finish", alias: "zf", synopsis: "off len",
-			minArgs: 2, maxArgs: 2, run: ioZoneMgmt("zone finish", (*zoned.Device).Finish),
+			minArgs: 2, maxArgs: 2, run: ioZoneMgmt("zone finish", volume.Zones.Finish),
 			help: "finish the zones in [off, off+len): write pointer to the zone end, full"},
 		{name: "zone_reset", alias: "zrs", synopsis: "off len",
-			minArgs: 2, maxArgs: 2, run: ioZoneMgmt("zone reset", (*zoned.Device).Reset),
+			minArgs: 2, maxArgs: 2, run: ioZoneMgmt("zone reset", volume.Zones.Reset),
 			help: "reset the zones in [off, off+len) to empty (0 and the disk size: every zone)"},
 		{name: "zone_append", alias: "zap", opts: "pP:", synopsis: "[-p] [-P pattern] off len [len...]",
 			minArgs: 2, maxArgs: -1, run: ioZoneAppend,
@@ -257,18 +258,10 @@ func ioRead(s *ioSession, opts []opt, operands []string) error {
 		n := min(length-done, int64(len(buf)))
 		p := buf[:n]
 		start := time.Now()
-		var got int
-		if s.vol.Zones != nil {
-			got, err = s.vol.Zones.ReadAt(p, off+done)
-		} else {
-			got, err = s.vol.Img.ReadAt(p, off+done)
-		}
+		err = s.vol.ReadAt(p, off+done)
 		elapsed += time.Since(start)
-		if err == nil && int64(got) != n {
-			err = io.ErrUnexpectedEOF
-		}
 		if err != nil {
-			if s.vol.Zones != nil {
+			if s.zones != nil {
 				return &devError{"read", err}
 			}
 			return fmt.Errorf("read failed: %w", err)
@@ -335,7 +328,7 @@ func ioWrite(s *ioSession, opts []opt, operands []string) error {
 	if !zero && length > maxIOBytes {
 		return &ioUsageError{fmt.Sprintf("length cannot exceed %d, given %s", maxIOBytes, operands[1])}
 	}
-	if s.vol.Zones != nil {
+	if s.zones != nil {
 		return s.devWrite(off, length, pattern, zero, unmap, fua, quiet)
 	}
 	start := time.Now()
@@ -373,7 +366,7 @@ func ioDiscard(s *ioSession, opts []opt, operands []string) error {
 		return err
 	}
 	start := time.Now()
-	if s.vol.Zones != nil {
+	if s.zones != nil {
 		// Only conventional zones can be discarded: a sequential zone's
 		// data goes with zone_reset.
 		if err := s.conventionalOnly("discard", off, length); err != nil {
@@ -390,13 +383,10 @@ func ioDiscard(s *ioSession, opts []opt, operands []string) error {
 }
 
 func ioFlush(s *ioSession, _ []opt, _ []string) error {
-	if s.vol.Zones != nil {
-		if err := s.vol.Zones.Flush(); err != nil {
+	if err := s.vol.Flush(); err != nil {
+		if s.zones != nil {
 			return &devError{"flush", err}
 		}
-		return nil
-	}
-	if err := s.vol.Img.Flush(); err != nil {
 		return fmt.Errorf("flush failed: %w", err)
 	}
 	return nil
@@ -506,7 +496,7 @@ func runIO(e *env, args []string) int {
 	if err != nil {
 		return e.fail(err, nil)
 	}
-	s := &ioSession{vol: vol, out: e.stdout, errw: e.stderr}
+	s := &ioSession{vol: vol, zones: vol.Zones(), out: e.stdout, errw: e.stderr}
 	ok := true
 	if len(cmds) > 0 {
 		for _, c := range cmds {

@@ -1,7 +1,6 @@
 package main
 
-// zq-csi io on zoned images: the session's zoned.Device, reads and writes
-// through it, and qemu-io's zone commands (zone_report/zrp, zone_open/zo,
+// zq-csi io on zoned images: writes through the zone model, and qemu-io's zone commands (zone_report/zrp, zone_open/zo,
 // zone_close/zc, zone_finish/zf, zone_reset/zrs, zone_append/zap) with
 // qemu-io's syntax and output:
 //
@@ -16,7 +15,6 @@ package main
 import (
 	"bytes"
 	"fmt"
-	"io"
 	"math"
 	"syscall"
 	"time"
@@ -48,7 +46,7 @@ func (s *ioSession) devWrite(off, length int64, pattern byte, zero, unmap, fua, 
 	if s.vol.Img.ReadOnly() {
 		return fmt.Errorf("write failed: %w", image.ErrReadOnly)
 	}
-	g := s.vol.Zones.Geometry()
+	g := s.zones.Geometry()
 	convEnd := int64(g.ConventionalZones) * g.ZoneSize
 	start := time.Now()
 	var err error
@@ -61,16 +59,12 @@ func (s *ioSession) devWrite(off, length int64, pattern byte, zero, unmap, fua, 
 		buf := bytes.Repeat([]byte{pattern}, int(max(0, min(length, ioChunk))))
 		for done := int64(0); done < length && err == nil; {
 			n := min(length-done, int64(len(buf)))
-			var got int
-			got, err = s.vol.Zones.WriteAt(buf[:n], off+done)
-			if err == nil && int64(got) != n {
-				err = fmt.Errorf("write at %#x: %w", off+done, io.ErrShortWrite)
-			}
+			err = s.vol.WriteAt(buf[:n], off+done)
 			done += n
 		}
 	}
 	if err == nil && fua {
-		err = s.vol.Zones.Flush()
+		err = s.vol.Flush()
 	}
 	elapsed := time.Since(start)
 	if err != nil {
@@ -90,7 +84,7 @@ func (s *ioSession) preflight(off, n int64) error {
 	if n <= ioChunk {
 		return nil
 	}
-	g := s.vol.Zones.Geometry()
+	g := s.zones.Geometry()
 	if off < 0 || off > g.Size || n > g.Size-off {
 		return fmt.Errorf("write at %#x+%#x, device size %#x: %w", off, n, g.Size, zoned.ErrWritePastEnd)
 	}
@@ -102,7 +96,7 @@ func (s *ioSession) preflight(off, n int64) error {
 		}
 		return nil
 	}
-	z, err := s.vol.Zones.ZoneAt(off)
+	z, err := s.zones.ZoneAt(off)
 	if err != nil {
 		return err
 	}
@@ -121,7 +115,7 @@ func (s *ioSession) preflight(off, n int64) error {
 // reaches a sequential zone: their data goes only with zone_reset.
 // Ranges past the device end are left to the image to refuse.
 func (s *ioSession) conventionalOnly(op string, off, length int64) error {
-	g := s.vol.Zones.Geometry()
+	g := s.zones.Geometry()
 	convEnd := int64(g.ConventionalZones) * g.ZoneSize
 	if off < 0 || length <= 0 || off >= g.Size || (off <= convEnd && length <= convEnd-off) {
 		return nil
@@ -138,14 +132,14 @@ func ioZoneReport(s *ioSession, _ []opt, operands []string) error {
 		return err
 	}
 	const op = "zone report"
-	if s.vol.Zones == nil {
+	if s.zones == nil {
 		return &devError{op, errNotZoned}
 	}
-	if _, err := s.vol.Zones.ZoneAt(off); err != nil {
+	if _, err := s.zones.ZoneAt(off); err != nil {
 		return &devError{op, err}
 	}
-	first := s.vol.Zones.Geometry().ZoneIndex(off)
-	for _, z := range s.vol.Zones.Report(first, int(min(nr, math.MaxInt32))) {
+	first := s.zones.Geometry().ZoneIndex(off)
+	for _, z := range s.zones.Report(first, int(min(nr, math.MaxInt32))) {
 		fmt.Fprintf(s.out, "start: 0x%x, len 0x%x, cap 0x%x, wptr 0x%x, zcond:%d, [type: %d]\n",
 			z.Start/zoned.SectorSize, z.Length/zoned.SectorSize, z.Capacity/zoned.SectorSize,
 			z.WritePointer/zoned.SectorSize, z.Cond, z.Type)
@@ -155,19 +149,19 @@ func ioZoneReport(s *ioSession, _ []opt, operands []string) error {
 
 // ioZoneMgmt makes the run function of a zone management command (open,
 // close, finish, reset), which prints nothing on success, as qemu-io.
-func ioZoneMgmt(op string, f func(d *zoned.Device, off, length int64) error) func(*ioSession, []opt, []string) error {
+func ioZoneMgmt(op string, f func(z volume.Zones, off, length int64) error) func(*ioSession, []opt, []string) error {
 	return func(s *ioSession, _ []opt, operands []string) error {
 		off, length, err := parseOffLen(operands)
 		if err != nil {
 			return err
 		}
-		if s.vol.Zones == nil {
+		if s.zones == nil {
 			return &devError{op, errNotZoned}
 		}
 		if s.vol.Img.ReadOnly() {
 			return fmt.Errorf("%s failed: %w", op, image.ErrReadOnly)
 		}
-		if err := f(s.vol.Zones, off, length); err != nil {
+		if err := f(s.zones, off, length); err != nil {
 			return &devError{op, err}
 		}
 		return nil
@@ -212,13 +206,13 @@ func ioZoneAppend(s *ioSession, opts []opt, operands []string) error {
 		lens, total = append(lens, n), total+n
 	}
 	const op = "zone append"
-	if s.vol.Zones == nil {
+	if s.zones == nil {
 		return &devError{op, errNotZoned}
 	}
 	if s.vol.Img.ReadOnly() {
 		return fmt.Errorf("%s failed: %w", op, image.ErrReadOnly)
 	}
-	g := s.vol.Zones.Geometry()
+	g := s.zones.Geometry()
 	for k, n := range lens {
 		if n%zoned.SectorSize != 0 {
 			return &devError{op, fmt.Errorf("append at %#x: buffer %d of %d bytes is not a multiple of %d: %w",
@@ -232,10 +226,10 @@ func ioZoneAppend(s *ioSession, opts []opt, operands []string) error {
 			return &devError{op, fmt.Errorf("zone %d: append of %#x bytes, max_append_bytes %#x: %w",
 				i, total, g.MaxAppendBytes, zoned.ErrAppendTooLarge)}
 		}
-		_, err := s.vol.Zones.Append(nil, off)
+		_, err := s.zones.Append(nil, off)
 		return &devError{op, err}
 	}
-	pos, err := s.vol.Zones.Append(bytes.Repeat([]byte{pattern}, int(total)), off)
+	pos, err := s.zones.Append(bytes.Repeat([]byte{pattern}, int(total)), off)
 	if err != nil {
 		return &devError{op, err}
 	}
