@@ -353,4 +353,3 @@ func TestBufferPoolSizeClasses(t *testing.T) {
 		p.put(b)
 	}
 }
-

@@ -156,7 +156,7 @@ func TestZonedAcceptsReplaysUntilTheZonesNextWrite(t *testing.T) {
 	z := zonedVolume(t)
 	a, b := bytes.Repeat([]byte{0xaa}, 4096), bytes.Repeat([]byte{0xbb}, 4096)
 	seq := int64(z.Dev.Geometry().ConventionalZones) * zoneSize // the first sequential zone
-	for _, off := range []int64{seq, seq + zoneSize} {           // applied by the "dead server"
+	for _, off := range []int64{seq, seq + zoneSize} {          // applied by the "dead server"
 		if err := z.WriteAt(a, off); err != nil {
 			t.Fatal(err)
 		}

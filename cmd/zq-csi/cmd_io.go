@@ -43,8 +43,8 @@ type ioSession struct {
 	vol   *volume.Volume // the image: its blocks through the Backend
 	zones volume.Zones   // vol.Zones(): nil for a plain image
 	out   io.Writer      // command output (stdout)
-	errw io.Writer      // error messages (stderr)
-	quit bool
+	errw  io.Writer      // error messages (stderr)
+	quit  bool
 }
 
 // ioCommand is one qemu-io command.
