@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/mount-utils"
 
+	"github.com/zq-csi/zq-csi/attach"
 	"github.com/zq-csi/zq-csi/image"
 	"github.com/zq-csi/zq-csi/volume"
 )
@@ -41,7 +42,8 @@ func (f *fakeDevice) Err() error {
 	}
 	return nil
 }
-func (f *fakeDevice) Detach() error { f.detached = true; return nil }
+func (f *fakeDevice) Detach() error               { f.detached = true; return nil }
+func (f *fakeDevice) Stats() (attach.Stats, bool) { return attach.Stats{}, false }
 
 func (a *fakeAttacher) Attach(v *volume.Volume, backend string) (Device, error) {
 	a.mu.Lock()

@@ -7,7 +7,7 @@ import (
 	"sort"
 	"strings"
 
-	"github.com/zq-csi/zq-csi/ublk"
+	"github.com/zq-csi/zq-csi/attach"
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
@@ -69,11 +69,13 @@ func (d *Driver) writeMetrics(w io.Writer) {
 			}
 		}
 	}
-	ublkStats := map[string]ublk.Stats{}
+	ublkStats := map[string]attach.Stats{}
 	for _, v := range vols {
 		unlock := d.lock(v.ID)
-		if u, ok := v.dev.(ublkDevice); ok {
-			ublkStats[v.ID] = u.Stats()
+		if v.dev != nil {
+			if st, ok := v.dev.Stats(); ok {
+				ublkStats[v.ID] = st
+			}
 		}
 		unlock()
 	}

@@ -22,9 +22,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/zq-csi/zq-csi/nbdattach"
-	"github.com/zq-csi/zq-csi/ublk"
-	"github.com/zq-csi/zq-csi/volume"
+	"github.com/zq-csi/zq-csi/attach"
 )
 
 func attachUsage(w io.Writer) {
@@ -84,27 +82,6 @@ failed.
 `)
 }
 
-// attached is a device being served, whichever the backend.
-type attached interface {
-	Path() string
-	// Done is closed when the device was removed from elsewhere.
-	Done() <-chan struct{}
-	// Detach syncs and removes the device.
-	Detach() error
-	// Wait waits for the serving to end and releases the device.
-	Wait() error
-}
-
-// ublkAttached is a ublk.Device as an attached device.
-type ublkAttached struct {
-	*ublk.Device
-	ctrl *ublk.Control
-}
-
-func (u ublkAttached) Done() <-chan struct{} { return u.Stopped() }
-func (u ublkAttached) Detach() error         { return u.Stop() }
-func (u ublkAttached) Wait() error           { return errors.Join(u.Close(), u.ctrl.Close()) }
-
 func runAttach(e *env, args []string) int {
 	fs := newFlagSet(e.prog)
 	backend := fs.String("backend", "", "kernel frontend")
@@ -147,6 +124,14 @@ func runAttach(e *env, args []string) int {
 		err = usagef("--connections, --timeout, --dead-conn-timeout and --device apply to --backend nbd")
 	case *backend == "nbd" && (set["queues"] || set["queue-depth"]):
 		err = usagef("--queues and --queue-depth apply to --backend ublk")
+	case *conns < 0 || *conns > 64:
+		err = usagef("--connections %d: must be 1 to 64", *conns)
+	case *timeout < 0:
+		err = usagef("--timeout %d: must be 0 or more", *timeout)
+	case *deadConn < 0:
+		err = usagef("--dead-conn-timeout %d: must be 0 or more", *deadConn)
+	case *device != "" && *recoverDev != "":
+		err = usagef("--device and --recover exclude each other")
 	}
 	if err != nil {
 		return e.fail(err, attachUsage)
@@ -171,24 +156,20 @@ func runAttach(e *env, args []string) int {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
 
-	var d attached
-	if *backend != "nbd" {
-		opts := ublk.Options{Queues: *queues, QueueDepth: *depth, LogicalBlockSize: int(*blockSize),
-			Tag:  volume.Tag(operands[0]),
-			Logf: func(f string, a ...any) { e.errorf("attach: "+f, a...) }}
-		d, err = attachUBLK(vol.Backend, opts, *recoverDev)
-		if err != nil && *backend == "" && (errors.Is(err, ublk.ErrUnavailable) || errors.Is(err, ublk.ErrGeometry)) {
-			e.errorf("attach: not using ublk: %v; using nbd", err)
-			err, d = nil, nil
-		}
+	o := attach.Options{Frontend: attach.Frontend(*backend), BlockSize: int(*blockSize),
+		Queues: *queues, QueueDepth: *depth,
+		Connections: *conns, Timeout: time.Duration(*timeout) * time.Second,
+		DeadConnTimeout: time.Duration(*deadConn) * time.Second, NBDDevice: *device,
+		Logf: func(f string, a ...any) { e.errorf("attach: "+f, a...) }}
+	var d *attach.Device
+	if *recoverDev != "" {
+		d, err = attach.Recover(vol, *recoverDev, o)
+	} else {
+		d, err = attach.Attach(vol, o)
 	}
-	if err == nil && d == nil {
-		d, err = attachNBD(vol.Backend, vol.Zones() != nil, nbdOptions{
-			backendID: volume.BackendID(operands[0]),
-			conns:     *conns, blockSize: *blockSize, readOnly: *readOnly, timeout: *timeout,
-			deadConn: *deadConn, device: *device, recoverDev: *recoverDev,
-			logf: func(f string, a ...any) { e.errorf("attach: "+f, a...) },
-		})
+	if errors.Is(err, attach.ErrNotADevice) {
+		vol.Close()
+		return e.fail(usagef("%v", err), nil)
 	}
 	if err != nil {
 		vol.Close()
@@ -199,13 +180,11 @@ func runAttach(e *env, args []string) int {
 	code := exitOK
 	select {
 	case <-sigs:
-		if err := d.Detach(); err != nil {
-			e.errorf("attach: %v", err)
-			code = exitFailure
-		}
-	case <-d.Done():
+		err = d.Detach()
+	case <-d.Done(): // removed from elsewhere (zq-csi detach)
+		err = d.Close()
 	}
-	if err := d.Wait(); err != nil {
+	if err != nil {
 		e.errorf("attach: %s: %v", d.Path(), err)
 		code = exitFailure
 	}
@@ -214,87 +193,6 @@ func runAttach(e *env, args []string) int {
 		code = exitFailure
 	}
 	return code
-}
-
-// attachUBLK creates a ublk device serving b, or takes back recoverDev.
-func attachUBLK(b volume.Backend, opts ublk.Options, recoverDev string) (attached, error) {
-	ctrl, err := ublk.OpenControl()
-	if err != nil {
-		return nil, err
-	}
-	var d *ublk.Device
-	if recoverDev != "" {
-		var id uint32
-		if id, err = ublk.ParseDevice(recoverDev); err != nil {
-			ctrl.Close()
-			return nil, usagef("--recover: %v", err)
-		}
-		d, err = ublk.Recover(ctrl, id, b, opts, 30*time.Second)
-	} else {
-		d, err = ublk.Create(ctrl, b, opts)
-	}
-	if err != nil {
-		ctrl.Close()
-		return nil, err
-	}
-	return ublkAttached{d, ctrl}, nil
-}
-
-type nbdOptions struct {
-	backendID          string
-	conns              int
-	blockSize          int64
-	readOnly           bool
-	timeout, deadConn  int
-	device, recoverDev string
-	logf               func(string, ...any)
-}
-
-// attachNBD connects an nbd device to b, or takes back o.recoverDev.
-func attachNBD(b volume.Backend, zoned bool, o nbdOptions) (attached, error) {
-	switch {
-	case o.conns < 0 || o.conns > 64:
-		return nil, usagef("--connections %d: must be 1 to 64", o.conns)
-	case o.timeout < 0:
-		return nil, usagef("--timeout %d: must be 0 or more", o.timeout)
-	case o.deadConn < 0:
-		return nil, usagef("--dead-conn-timeout %d: must be 0 or more", o.deadConn)
-	case o.device != "" && o.recoverDev != "":
-		return nil, usagef("--device and --recover exclude each other")
-	}
-	index, recoverIndex := nbdattach.Any, -1
-	var err error
-	if o.device != "" {
-		if index, err = nbdattach.ParseDevice(o.device); err != nil {
-			return nil, usagef("--device: %v", err)
-		}
-	}
-	if o.recoverDev != "" {
-		if recoverIndex, err = nbdattach.ParseDevice(o.recoverDev); err != nil {
-			return nil, usagef("--recover: %v", err)
-		}
-	}
-	bs := o.blockSize
-	if zoned {
-		if bs == 0 {
-			bs = 512
-		}
-		// The kernel sees a plain disk and spreads writes over the
-		// connections: with one, writes to a zone reach the device in the
-		// order the application issued them.
-		if o.conns == 0 {
-			o.conns = 1
-		}
-	}
-	opts := nbdattach.Options{
-		Connections: o.conns, BlockSize: bs, ReadOnly: o.readOnly,
-		Timeout: time.Duration(o.timeout) * time.Second, DeadConnTimeout: time.Duration(o.deadConn) * time.Second,
-		Index: index, BackendID: o.backendID, Logf: o.logf,
-	}
-	if recoverIndex >= 0 {
-		return nbdattach.Recover(recoverIndex, b, opts)
-	}
-	return nbdattach.Attach(b, opts)
 }
 
 func runDetach(e *env, args []string) int {
@@ -310,31 +208,12 @@ func runDetach(e *env, args []string) int {
 	if err != nil {
 		return e.fail(err, detachUsage)
 	}
-	dev := operands[0]
-	if strings.HasPrefix(dev, "/dev/ublk") {
-		err = detachUBLK(dev)
-	} else {
-		var index int
-		if index, err = nbdattach.ParseDevice(dev); err != nil {
-			return e.fail(usagef("%v (expected /dev/ublkbN or /dev/nbdN)", err), detachUsage)
-		}
-		err = nbdattach.Disconnect(index)
+	err = attach.Remove(operands[0])
+	if errors.Is(err, attach.ErrNotADevice) {
+		return e.fail(usagef("%v", err), detachUsage)
 	}
 	if err != nil {
 		return e.fail(err, nil)
 	}
 	return exitOK
-}
-
-func detachUBLK(dev string) error {
-	id, err := ublk.ParseDevice(dev)
-	if err != nil {
-		return usagef("%v", err)
-	}
-	ctrl, err := ublk.OpenControl()
-	if err != nil {
-		return err
-	}
-	defer ctrl.Close()
-	return ublk.Detach(ctrl, id, 10*time.Second)
 }
