@@ -8,7 +8,7 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/zq-csi/zq-csi/volume"
+	"github.com/zq-csi/zq-csi/imageopt"
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
@@ -44,7 +44,7 @@ var (
 
 // VolumeParams is what a StorageClass's parameters ask for.
 type VolumeParams struct {
-	Spec   volume.CreateSpec // image options and zone.* keys, as `zq-csi image create -o` takes them
+	Spec   imageopt.CreateSpec // image options and zone.* keys, as `zq-csi image create -o` takes them
 	Attach string            // AttachUBLK (default) or AttachNBD
 }
 
@@ -83,7 +83,7 @@ func ParseParameters(params map[string]string) (VolumeParams, error) {
 		}
 	}
 	if !p.Spec.Given("zone.mode") {
-		if err := p.Spec.Set("zone.mode", volume.ZoneModeHostManaged); err != nil {
+		if err := p.Spec.Set("zone.mode", imageopt.ZoneModeHostManaged); err != nil {
 			return VolumeParams{}, fmt.Errorf("%w: %w", ErrInvalidParameter, err)
 		}
 	}
@@ -103,11 +103,12 @@ func (p VolumeParams) zones() (zoned.Geometry, error) {
 		return zoned.Geometry{}, fmt.Errorf("%w: %w", ErrInvalidParameter, err)
 	}
 	if g == nil {
-		return zoned.Geometry{}, fmt.Errorf("%w: zone.mode: must be %s", ErrInvalidParameter, volume.ZoneModeHostManaged)
+		return zoned.Geometry{}, fmt.Errorf("%w: zone.mode: must be %s", ErrInvalidParameter, imageopt.ZoneModeHostManaged)
 	}
 	// One sector of one zone, no conventional zone, no limits: Normalize
 	// checks exactly the rules that hold for any volume size.
-	probe := zoned.Geometry{Size: zoned.SectorSize, ZoneSize: g.ZoneSize, ZoneCapacity: g.ZoneCapacity, MaxAppendBytes: g.MaxAppendBytes}
+	probe := zoned.Geometry{Size: zoned.SectorSize, ZoneSize: g.ZoneSize, ZoneCapacity: g.ZoneCapacity,
+		MaxOpenZones: g.MaxOpenZones, MaxActiveZones: g.MaxActiveZones, MaxAppendBytes: g.MaxAppendBytes}
 	if _, _, err := probe.Normalize(); err != nil {
 		return zoned.Geometry{}, fmt.Errorf("%w: %w", ErrInvalidParameter, err)
 	}
@@ -120,10 +121,6 @@ func (p VolumeParams) zones() (zoned.Geometry, error) {
 	if g.MaxAppendBytes%zoned.SectorSize != 0 {
 		return zoned.Geometry{}, fmt.Errorf("%w: zone.max_append_bytes %d: must be a multiple of %d",
 			ErrInvalidParameter, g.MaxAppendBytes, zoned.SectorSize)
-	}
-	if g.MaxOpenZones > 0 && g.MaxActiveZones > 0 && g.MaxOpenZones > g.MaxActiveZones {
-		return zoned.Geometry{}, fmt.Errorf("%w: zone.max_open_zones %d > zone.max_active_zones %d: open zones are active zones",
-			ErrInvalidParameter, g.MaxOpenZones, g.MaxActiveZones)
 	}
 	return *g, nil
 }

@@ -44,11 +44,11 @@ func (o CreateOptions) normalize() (CreateOptions, error) {
 	if o.Preallocation == "" {
 		o.Preallocation = PreallocOff
 	}
-	if !isPowerOfTwo(int64(o.ClusterSize)) || o.ClusterSize < MinClusterSize || o.ClusterSize > MaxClusterSize {
-		return o, fmt.Errorf("cluster_size %d: must be a power of two from 512 to 2M: %w", o.ClusterSize, ErrInvalidOption)
+	if err := CheckClusterSize(int64(o.ClusterSize)); err != nil {
+		return o, err
 	}
-	if !isPowerOfTwo(int64(o.RefcountBits)) || o.RefcountBits > 64 {
-		return o, fmt.Errorf("refcount_bits %d: must be 1, 2, 4, 8, 16, 32 or 64: %w", o.RefcountBits, ErrInvalidOption)
+	if err := CheckRefcountBits(int64(o.RefcountBits)); err != nil {
+		return o, err
 	}
 	if o.Preallocation != PreallocOff && o.Preallocation != PreallocMetadata {
 		return o, fmt.Errorf("preallocation %q: must be off or metadata: %w", o.Preallocation, ErrInvalidOption)
@@ -202,4 +202,21 @@ func (img *Image) preallocate() error {
 		return err
 	}
 	return img.writeback()
+}
+
+// CheckClusterSize is the rule of cluster_size: a power of two from 512
+// bytes to 2 MiB.
+func CheckClusterSize(n int64) error {
+	if !isPowerOfTwo(n) || n < MinClusterSize || n > MaxClusterSize {
+		return fmt.Errorf("cluster_size %d: must be a power of two from 512 to 2M: %w", n, ErrInvalidOption)
+	}
+	return nil
+}
+
+// CheckRefcountBits is the rule of refcount_bits: a power of two up to 64.
+func CheckRefcountBits(n int64) error {
+	if !isPowerOfTwo(n) || n > 64 {
+		return fmt.Errorf("refcount_bits %d: must be 1, 2, 4, 8, 16, 32 or 64: %w", n, ErrInvalidOption)
+	}
+	return nil
 }

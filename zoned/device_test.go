@@ -783,7 +783,7 @@ func TestNewRefusesBadWritePointers(t *testing.T) {
 }
 
 func TestNewAppliesClampsAndToleratesTooManyClosedZones(t *testing.T) {
-	g := Geometry{Size: 8 * 4096, ZoneSize: 4096, ZoneCapacity: 4096, MaxAppendBytes: 2048, MaxOpenZones: 9, MaxActiveZones: 2}
+	g := Geometry{Size: 8 * 4096, ZoneSize: 4096, ZoneCapacity: 4096, MaxAppendBytes: 2048, MaxActiveZones: 2}
 	wps := initialWPs(g)
 	for i := range 3 {
 		wps[i] += 512 // three closed zones, max_active 2

@@ -103,6 +103,12 @@ func (g Geometry) Normalize() (Geometry, []string, error) {
 		return bad("zone.max_open_zones %d: must not be negative", g.MaxOpenZones)
 	case g.MaxActiveZones < 0:
 		return bad("zone.max_active_zones %d: must not be negative", g.MaxActiveZones)
+	case g.MaxActiveZones > 0 && g.MaxOpenZones > g.MaxActiveZones:
+		// A contradiction whatever the size, refused where QEMU fails
+		// (it clamps, then exits 1): limits above what the zones can reach
+		// depend on the size and are clamped below.
+		return bad("zone.max_open_zones %d > zone.max_active_zones %d: open zones are active zones",
+			g.MaxOpenZones, g.MaxActiveZones)
 	case g.MaxAppendBytes < SectorSize:
 		return bad("zone.max_append_bytes %d: must be at least %d", g.MaxAppendBytes, SectorSize)
 	case g.MaxAppendBytes > math.MaxUint32:
@@ -131,11 +137,6 @@ func (g Geometry) Normalize() (Geometry, []string, error) {
 	if g.MaxOpenZones > seq {
 		notes = append(notes, fmt.Sprintf("zone.max_open_zones %d > %d sequential zones: clamped to %d", g.MaxOpenZones, seq, seq))
 		g.MaxOpenZones = seq
-	}
-	if g.MaxActiveZones > 0 && g.MaxOpenZones > g.MaxActiveZones {
-		notes = append(notes, fmt.Sprintf("zone.max_open_zones %d > zone.max_active_zones %d: clamped to %d",
-			g.MaxOpenZones, g.MaxActiveZones, g.MaxActiveZones))
-		g.MaxOpenZones = g.MaxActiveZones
 	}
 	return g, notes, nil
 }

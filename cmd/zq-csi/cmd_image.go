@@ -23,6 +23,7 @@ import (
 	"strings"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/imageopt"
 	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
@@ -66,7 +67,7 @@ func checkFormat(f string) error {
 // applyCreateOptions sets the -o lists into spec. Later values of a key
 // override earlier ones, as in qemu-img; help (or ?) asks for the list of
 // keys.
-func applyCreateOptions(spec *volume.CreateSpec, lists []string) (help bool, err error) {
+func applyCreateOptions(spec *imageopt.CreateSpec, lists []string) (help bool, err error) {
 	for _, l := range lists {
 		kvs, err := ParseOptList(l)
 		if err != nil {
@@ -86,7 +87,7 @@ func applyCreateOptions(spec *volume.CreateSpec, lists []string) (help bool, err
 }
 
 // formattingLine is qemu-img create's first line of output.
-func formattingLine(file string, spec *volume.CreateSpec) string {
+func formattingLine(file string, spec *imageopt.CreateSpec) string {
 	return strings.Join(append([]string{fmt.Sprintf("Formatting '%s', fmt=qcow2", file)}, spec.Formatting()...), " ")
 }
 
@@ -104,7 +105,7 @@ fraction needs a unit (1.5G). FILE must not exist.
 }
 
 func listCreateOptions(w io.Writer) {
-	for _, o := range volume.CreateOptionHelp() {
+	for _, o := range imageopt.CreateOptionHelp() {
 		fmt.Fprintf(w, "  %-24s %s\n", o.Key, o.Help)
 	}
 }
@@ -126,7 +127,7 @@ func runImageCreate(e *env, args []string) int {
 	if err := checkFormat(*format); err != nil {
 		return e.fail(err, createUsage)
 	}
-	spec := &volume.CreateSpec{}
+	spec := &imageopt.CreateSpec{}
 	help, err := applyCreateOptions(spec, olists)
 	if err != nil {
 		return e.fail(usagef("%v", err), nil)
@@ -268,7 +269,7 @@ func runImageInfo(e *env, args []string) int {
 			ExtendedL2:      info.ExtendedL2,
 		}
 		if info.Zones != nil {
-			j.FormatSpecific.Data.Zoned = &zonedInfoJSON{Mode: volume.ZoneModeHostManaged, Zones: *info.Zones}
+			j.FormatSpecific.Data.Zoned = &zonedInfoJSON{Mode: imageopt.ZoneModeHostManaged, Zones: *info.Zones}
 		}
 		return writeJSON(e, j)
 	}
@@ -291,7 +292,7 @@ func runImageInfo(e *env, args []string) int {
 	}
 	if z := info.Zones; z != nil {
 		fmt.Fprintf(w, "    zoned:\n")
-		fmt.Fprintf(w, "        zone model: %s\n", volume.ZoneModeHostManaged)
+		fmt.Fprintf(w, "        zone model: %s\n", imageopt.ZoneModeHostManaged)
 		// What the zone model makes of the header's values, where it
 		// differs: QEMU writes geometries Linux cannot attach.
 		g := volume.ImageGeometry(info.VirtualSize, *z)

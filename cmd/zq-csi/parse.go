@@ -10,12 +10,12 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/zq-csi/zq-csi/volume"
+	"github.com/zq-csi/zq-csi/imageopt"
 )
 
-// ParseSize is volume.ParseSize (qemu-img sizes plus the IEC and
+// ParseSize is imageopt.ParseSize (qemu-img sizes plus the IEC and
 // Kubernetes binary forms), the one size syntax of the whole tool.
-func ParseSize(s string) (int64, error) { return volume.ParseSize(s) }
+func ParseSize(s string) (int64, error) { return imageopt.ParseSize(s) }
 
 // ParsePattern parses a qemu-io pattern byte: a C integer literal
 // (decimal, 0x hexadecimal or 0 octal) from 0 to 255.

@@ -194,10 +194,6 @@ func TestCreateZoneOptions(t *testing.T) {
 			"zone.mode=host-managed zone.size=67108864 zone.conventional_zones=4 zone.max_open_zones=13",
 			"zone.mode=host-managed zone.size=67108864 zone.capacity=67108864 zone.conventional_zones=4 zone.max_open_zones=12 zone.max_active_zones=0 zone.max_append_bytes=65536",
 			[]string{"zq-csi: note: zone.max_open_zones 13 > 12 sequential zones: clamped to 12"}},
-		{"max_open above max_active is clamped", "zone.mode=host-managed,zone.size=64M,zone.max_open_zones=10,zone.max_active_zones=4", "1G",
-			"zone.mode=host-managed zone.size=67108864 zone.max_active_zones=4 zone.max_open_zones=10",
-			"zone.mode=host-managed zone.size=67108864 zone.capacity=67108864 zone.conventional_zones=0 zone.max_open_zones=4 zone.max_active_zones=4 zone.max_append_bytes=65536",
-			[]string{"zq-csi: note: zone.max_open_zones 10 > zone.max_active_zones 4: clamped to 4"}},
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -280,6 +276,7 @@ func TestCreateZoneOptionsRefused(t *testing.T) {
 		{hm + "zone.max_open_zones=1.5", "1G", "zone.max_open_zones", "invalid number"},
 		{hm + "zone.max_active_zones=abc", "1G", "zone.max_active_zones", "invalid number"},
 		{hm + "zone.max_active_zones=0x", "1G", "zone.max_active_zones", "invalid number"},
+		{hm + "zone.max_open_zones=10,zone.max_active_zones=4", "1G", "zone.max_open_zones", "> zone.max_active_zones 4: open zones are active zones"},
 		{hm + "zone.max_append_bytes=0", "1G", "zone.max_append_bytes", "at least 512"},
 		{hm + "zone.max_append_bytes=500", "1G", "zone.max_append_bytes", "at least 512"},
 		{hm + "zone.size=1M,zone.max_append_bytes=1048064", "1G", "zone.max_append_bytes", "smaller than zone.capacity"},

@@ -11,7 +11,12 @@
 #      kernel checks must fail when the modules they check are not loaded);
 #   2. kernel-checks.sh in the guest (ublk/nbd nodes, zoned null_blk, blkzone,
 #      fio zonemode=zbd with verify, btrfs and f2fs zoned mode);
-#   3. every Go package with vmtest-tagged tests, via vm-go-test.sh ./...
+#   3. every Go package with vmtest-tagged tests, via vm-go-test.sh ./...;
+#   4. fio's own zoned test suite (t/zbd/test-zbd-support of fio 3.33) on a
+#      zq-csi ublk device against a zoned null_blk of the same geometry, via
+#      fio-zbd.sh (one "ok"/"not ok" per geometry, counted here), and its
+#      negative control: a zq-csi image with a deliberately lower open-zone
+#      limit than null_blk's must fail the suite.
 # Prints "ok"/"not ok" per check and ends with "N passed, N failed"; exits 1
 # if anything failed. Each step boots its own guest (about 10 s each).
 set -euo pipefail
@@ -152,6 +157,36 @@ if grep -q '^ok	github.com/zq-csi/zq-csi/test/e2e	' "$SCRATCH/out"; then
 else
 	not_ok "test/e2e Go kernel tests did not pass"
 fi
+
+# ---- 4. fio's zoned test suite: zq-csi against null_blk -------------------
+# fio-zbd.sh prints one "ok"/"not ok" line per geometry: each one is a check
+# here (printed after its section, the rest of its output indented).
+echo "# fio t/zbd (test-zbd-support) on zq-csi ublk and null_blk (fio-zbd.sh)"
+t=$EPOCHREALTIME
+rc=0
+"$E2E_DIR/fio-zbd.sh" 2>&1 | tee "$SCRATCH/out" | sed -u -e '/^ok - /d' -e '/^not ok - /d' -e 's/^/  /' || rc=$?
+n=0
+while IFS= read -r line; do
+	case $line in
+	"ok - "*) ok "${line#ok - }" && n=$((n + 1)) ;;
+	"not ok - "*) not_ok "${line#not ok - }" && n=$((n + 1)) ;;
+	esac
+done <"$SCRATCH/out"
+expect "fio-zbd.sh exit status ($(tail -n1 "$SCRATCH/out"), $(elapsed "$t")s)" 0 "$rc"
+if ((n > 0)); then ok "fio-zbd.sh reported $n geometries"; else not_ok "fio-zbd.sh reported no geometry"; fi
+
+# Its negative control: the image allows 2 open zones where null_blk allows
+# any number, and the layout check that would refuse such a pair is off.
+# Test 13 runs fio with --max_open_zones=4, which fio refuses on a device
+# limited to 2: the control passes, zq-csi fails, and the run must say so.
+echo "# fio-zbd.sh negative control: a wrong open-zone limit on zq-csi must fail"
+rc=0
+ZQ_ZBD_TESTS=13 ZQ_ZBD_LAYOUT_CHECK=0 ZQ_ZBD_EXTRA_IMAGE_OPTS=zone.max_open_zones=2,zone.max_active_zones=2 \
+	"$E2E_DIR/fio-zbd.sh" G2 >"$SCRATCH/out" 2>&1 || rc=$?
+expect "fio-zbd.sh exit status with a wrong limit" 1 "$rc"
+expect "fio-zbd.sh reports zq-csi failing test 13 and nothing else" 1 \
+	"$(grep -c '^not ok - fio t/zbd G2 .*null_blk 1 pass/0 fail/0 skip, zq-csi 0 pass/1 fail/0 skip.*ZQ-CSI FAILURES: 13(FAIL)' "$SCRATCH/out")"
+grep -q '^not ok' "$SCRATCH/out" || sed 's/^/  /' "$SCRATCH/out"
 
 echo "# total $(elapsed "$T0")s"
 echo "$PASS passed, $FAIL failed"

@@ -1,9 +1,11 @@
-package volume
-
-// The options of a new image, as `zq-csi image create -o key=value` and the
-// CSI driver's StorageClass parameters both take them: qemu-img's qcow2
-// option names and values (docs/qcow2-zoned.md section 4 for the zone.* keys), with sizes
-// in qemu's syntax plus the IEC and Kubernetes binary forms.
+// Package imageopt is the options of a new image, as `zq-csi image create
+// -o key=value` and the CSI driver's StorageClass parameters both take
+// them: qemu-img's qcow2 option names and values (docs/qcow2-zoned.md
+// section 4 for the zone.* keys), with sizes in qemu's syntax plus the IEC
+// and Kubernetes binary forms, and qemu-img's "Formatting" line. The rules
+// of the values are the lower layers' (image.CreateOptions,
+// zoned.Geometry.Normalize); this package parses and shows them.
+package imageopt
 
 import (
 	"errors"
@@ -207,8 +209,8 @@ var createOptions = []createOption{
 			if err != nil {
 				return err
 			}
-			if !isPowerOfTwo(n) || n < image.MinClusterSize || n > image.MaxClusterSize {
-				return fmt.Errorf("cluster size %d out of range: must be a power of two from %d to %d", n, image.MinClusterSize, image.MaxClusterSize)
+			if err := image.CheckClusterSize(n); err != nil {
+				return err
 			}
 			s.opts.ClusterSize = int(n)
 			return nil
@@ -319,8 +321,11 @@ var createOptions = []createOption{
 		help: "width of a refcount: 1, 2, 4, 8, 16, 32 or 64 (default 16)",
 		set: func(s *CreateSpec, v string) error {
 			n, err := ParseSize(v)
-			if err != nil || !isPowerOfTwo(n) || n > 64 {
-				return fmt.Errorf("invalid refcount_bits %q: use 1, 2, 4, 8, 16, 32 or 64", v)
+			if err != nil {
+				return fmt.Errorf("invalid refcount_bits %q: %w", v, err)
+			}
+			if err := image.CheckRefcountBits(n); err != nil {
+				return err
 			}
 			s.opts.RefcountBits = int(n)
 			return nil

@@ -1,4 +1,4 @@
-package volume
+package imageopt
 
 import (
 	"math"
@@ -233,14 +233,14 @@ func TestCreateSpecSetRefuses(t *testing.T) {
 		{"data_file", "x", "external data files are not supported"},
 		{"encrypt.format", "luks", "encryption is not supported"},
 		{"cluster_size", "x", `invalid size "x"`},
-		{"cluster_size", "4M", "power of two from 512 to 2097152"},
-		{"cluster_size", "3000", "power of two from 512 to 2097152"},
-		{"cluster_size", "256", "power of two from 512 to 2097152"},
-		{"cluster_size", "0", "power of two from 512 to 2097152"},
-		{"refcount_bits", "abc", "use 1, 2, 4, 8, 16, 32 or 64"},
-		{"refcount_bits", "3", "use 1, 2, 4, 8, 16, 32 or 64"},
-		{"refcount_bits", "0", "use 1, 2, 4, 8, 16, 32 or 64"},
-		{"refcount_bits", "128", "use 1, 2, 4, 8, 16, 32 or 64"},
+		{"cluster_size", "4M", "must be a power of two from 512 to 2M"},
+		{"cluster_size", "3000", "must be a power of two from 512 to 2M"},
+		{"cluster_size", "256", "must be a power of two from 512 to 2M"},
+		{"cluster_size", "0", "must be a power of two from 512 to 2M"},
+		{"refcount_bits", "abc", `invalid refcount_bits "abc"`},
+		{"refcount_bits", "3", "must be 1, 2, 4, 8, 16, 32 or 64"},
+		{"refcount_bits", "0", "must be 1, 2, 4, 8, 16, 32 or 64"},
+		{"refcount_bits", "128", "must be 1, 2, 4, 8, 16, 32 or 64"},
 		{"preallocation", "full", "not supported (use off or metadata)"},
 		{"preallocation", "sometimes", "invalid preallocation"},
 		{"lazy_refcounts", "maybe", "invalid boolean"},
