@@ -45,7 +45,7 @@ var (
 // VolumeParams is what a StorageClass's parameters ask for.
 type VolumeParams struct {
 	Spec   imageopt.CreateSpec // image options and zone.* keys, as `zq-csi image create -o` takes them
-	Attach string            // AttachUBLK (default) or AttachNBD
+	Attach string              // AttachUBLK (default) or AttachNBD
 }
 
 // ParseParameters parses CreateVolume parameters. Keys are qemu-img's option
