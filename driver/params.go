@@ -8,14 +8,15 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/zq-csi/zq-csi/attach"
 	"github.com/zq-csi/zq-csi/imageopt"
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
-// Attach modes.
+// Attach frontends, as the "attach" parameter names them.
 const (
-	AttachUBLK = "ublk"
-	AttachNBD  = "nbd"
+	AttachUBLK = string(attach.UBLK)
+	AttachNBD  = string(attach.NBD)
 )
 
 // Parameter keys of a StorageClass besides the image options.
@@ -49,19 +50,17 @@ type VolumeParams struct {
 }
 
 // ParseParameters parses CreateVolume parameters. Keys are qemu-img's option
-// names, as `zq-csi image create -o` takes them (cluster_size, zone.size,
-// zone.capacity, zone.conventional_zones, zone.max_open_zones,
-// zone.max_active_zones, zone.max_append_bytes, zone.mode, and the other
-// qcow2 options: preallocation, lazy_refcounts, refcount_bits, ...) plus
-// "attach"; "size" is refused (it comes from the capacity range). zone.mode
+// names, as `zq-csi image create -o` takes them (imageopt.CreateOptionHelp
+// lists them), plus "attach"; "size" is refused (it comes from the capacity
+// range). zone.mode
 // defaults to host-managed (this driver provides zoned volumes; any other
 // value is refused). Keys beginning with "csi.storage.k8s.io/" (added by
 // external-provisioner) are ignored. Unknown keys, bad values and refused
 // options are errors wrapping ErrInvalidParameter and naming the key; the
 // keys are parsed in sorted order, so the error is the same every time.
 // The zone geometry is checked as far as it does not depend on the volume
-// size (zone.size, zone.capacity, zone.max_append_bytes); Size checks the
-// rest.
+// size (zone.size, zone.capacity, zone.max_append_bytes, max_open against
+// max_active); Size checks the rest.
 func ParseParameters(params map[string]string) (VolumeParams, error) {
 	p := VolumeParams{Attach: AttachUBLK}
 	for _, k := range slices.Sorted(maps.Keys(params)) {
