@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"io"
 	"path/filepath"
 
 	"github.com/zq-csi/zq-csi/image"
@@ -83,3 +84,27 @@ func (v *Volume) Close() error {
 	}
 	return errors.Join(err, v.Img.Close())
 }
+
+// WriteFrom writes n bytes read from r at off as one request: on a zoned
+// volume the zone model checks the whole range first (Zones.WriteFrom);
+// a plain one takes it in pieces.
+func (v *Volume) WriteFrom(r io.Reader, off, n int64) error {
+	if z := v.Zones(); z != nil {
+		return z.WriteFrom(r, off, n)
+	}
+	buf := make([]byte, min(max(n, 0), writeFromChunk))
+	for done := int64(0); done < n; {
+		p := buf[:min(n-done, int64(len(buf)))]
+		if _, err := io.ReadFull(r, p); err != nil {
+			return fmt.Errorf("write at %#x: reading the data: %w", off+done, err)
+		}
+		if err := v.WriteAt(p, off+done); err != nil {
+			return err
+		}
+		done += int64(len(p))
+	}
+	return nil
+}
+
+// writeFromChunk bounds the buffer of a plain volume's WriteFrom.
+const writeFromChunk = 1 << 20

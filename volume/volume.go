@@ -12,6 +12,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"sync/atomic"
 	"syscall"
 
@@ -70,6 +71,9 @@ type Zones interface {
 	// Append writes p at the write pointer of the zone at off and
 	// returns where it landed.
 	Append(p []byte, off int64) (int64, error)
+	// WriteFrom writes n bytes read from r at off as one request: one
+	// the zone model refuses changes nothing, however long it is.
+	WriteFrom(r io.Reader, off, n int64) error
 	Open(off, length int64) error
 	Close(off, length int64) error
 	Finish(off, length int64) error
@@ -154,6 +158,9 @@ func (b *Zoned) ReadAt(p []byte, off int64) error {
 
 // WriteAt writes p at off, accepting a reissued write after AcceptReplays.
 func (b *Zoned) WriteAt(p []byte, off int64) error {
+	if err := b.writable("write", off); err != nil {
+		return err
+	}
 	_, err := b.Dev.WriteAt(p, off)
 	if err == nil {
 		b.replayDone(off)
@@ -171,8 +178,23 @@ func (b *Zoned) Geometry() Geometry                        { return b.Dev.Geomet
 func (b *Zoned) Report(first, n int) []Zone                { return b.Dev.Report(first, n) }
 func (b *Zoned) ZoneAt(off int64) (Zone, error)            { return b.Dev.ZoneAt(off) }
 func (b *Zoned) Append(p []byte, off int64) (int64, error) { return b.Dev.Append(p, off) }
-func (b *Zoned) Open(off, length int64) error              { return b.Dev.Open(off, length) }
-func (b *Zoned) Close(off, length int64) error             { return b.Dev.Close(off, length) }
+func (b *Zoned) WriteFrom(r io.Reader, off, n int64) error {
+	if err := b.writable("write", off); err != nil {
+		return err
+	}
+	return b.Dev.WriteFrom(r, off, n)
+}
+
+// writable refuses a write to a read-only image before the zone model
+// sees it: the model would take the zone's resources first.
+func (b *Zoned) writable(op string, off int64) error {
+	if b.Img.ReadOnly() {
+		return fmt.Errorf("%s at %#x: %w", op, off, image.ErrReadOnly)
+	}
+	return nil
+}
+func (b *Zoned) Open(off, length int64) error  { return b.Dev.Open(off, length) }
+func (b *Zoned) Close(off, length int64) error { return b.Dev.Close(off, length) }
 func (b *Zoned) Finish(off, length int64) error {
 	b.replayDone(off)
 	return b.Dev.Finish(off, length)
@@ -262,46 +284,22 @@ func (b *Zoned) Trim(off, length int64) error {
 	return nil
 }
 
-// zeroChunk bounds the buffer of zeros written into a sequential zone.
-const zeroChunk = 1 << 20
-
-var zeros = make([]byte, zeroChunk)
-
 func (b *Zoned) WriteZeroes(off, length int64, noHole, fast bool) error {
-	ce := b.convEnd()
-	end := off + length
-	if end <= ce {
+	if ce := b.convEnd(); off+length <= ce {
 		return b.Img.WriteZeroes(off, length, !noHole)
-	}
-	if off < ce {
-		return fmt.Errorf("write zeroes at %#x+%#x: from a conventional into a sequential zone: %w",
-			off, length, zoned.ErrCrossesZone)
 	}
 	if fast {
 		return fmt.Errorf("write zeroes at %#x: a sequential zone takes only written zeros: %w", off, syscall.ENOTSUP)
 	}
-	// Check the whole request before the first piece, so that a refused
-	// request changes nothing.
-	z, err := b.Dev.ZoneAt(off)
-	if err != nil {
-		return err
-	}
-	switch {
-	case off%zoned.SectorSize != 0 || length%zoned.SectorSize != 0:
-		return fmt.Errorf("write zeroes at %#x+%#x: %w", off, length, zoned.ErrUnaligned)
-	case off != z.WritePointer:
-		return fmt.Errorf("write zeroes at %#x, write pointer %#x: %w", off, z.WritePointer, zoned.ErrNotAtWritePointer)
-	case end > z.Start+z.Capacity:
-		return fmt.Errorf("write zeroes at %#x+%#x, zone capacity ends at %#x: %w", off, length, z.Start+z.Capacity, zoned.ErrBeyondCapacity)
-	}
-	for pos := off; pos < end; {
-		n := min(end-pos, zeroChunk)
-		if _, err := b.Dev.WriteAt(zeros[:n], pos); err != nil {
-			return err
-		}
-		pos += n
-	}
-	return nil
+	return b.WriteFrom(zeros{}, off, length)
+}
+
+// zeros reads as an endless run of zero bytes.
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
 }
 
 func (b *Zoned) Map(off, length int64) ([]Extent, error) { return b.Img.Map(off, length) }

@@ -312,30 +312,16 @@ func (d *Device) ReadAt(p []byte, off int64) (int, error) {
 // write see the failure rule in the package documentation.
 func (d *Device) WriteAt(p []byte, off int64) (int, error) {
 	n := int64(len(p))
-	if off < 0 || off > d.g.Size || n > d.g.Size-off {
-		return 0, fmt.Errorf("write at %#x+%#x, device size %#x: %w", off, n, d.g.Size, ErrWritePastEnd)
+	i, sequential, err := d.checkWrite(off, n)
+	if err != nil || n == 0 {
+		return 0, err
 	}
-	if n == 0 {
-		return 0, nil
-	}
-	i := d.g.ZoneIndex(off)
-	if !d.sequential(i) {
-		if last := d.g.ZoneIndex(off + n - 1); d.sequential(last) {
-			return 0, fmt.Errorf("write at %#x+%#x: from conventional zone %d into sequential zone %d: %w",
-				off, n, i, last, ErrCrossesZone)
-		}
+	if !sequential {
 		m, err := d.s.WriteAt(p, off)
 		if err != nil {
 			err = fmt.Errorf("write at %#x+%#x: %w", off, n, err)
 		}
 		return m, err
-	}
-	if off%SectorSize != 0 || n%SectorSize != 0 {
-		return 0, fmt.Errorf("zone %d: write at %#x+%#x: not a multiple of %d: %w", i, off, n, SectorSize, ErrUnaligned)
-	}
-	z := &d.zones[i]
-	if off+n > z.start+z.length {
-		return 0, fmt.Errorf("zone %d: write at %#x+%#x: zone ends at %#x: %w", i, off, n, z.start+z.length, ErrCrossesZone)
 	}
 	r, err := d.reserve(i, off, n, "write")
 	if err != nil {
@@ -346,6 +332,77 @@ func (d *Device) WriteAt(p []byte, off int64) (int, error) {
 	}
 	return len(p), nil
 }
+
+// checkWrite checks what a write of n bytes at off may do whatever the
+// zone's state: stay on the device, in one zone (or in the conventional
+// ones), in whole sectors in a sequential zone. It returns the zone and
+// whether it is sequential; reserve checks the rest under the lock.
+func (d *Device) checkWrite(off, n int64) (zone int, sequential bool, err error) {
+	if off < 0 || n < 0 || off > d.g.Size || n > d.g.Size-off {
+		return 0, false, fmt.Errorf("write at %#x+%#x, device size %#x: %w", off, n, d.g.Size, ErrWritePastEnd)
+	}
+	if n == 0 {
+		return 0, false, nil
+	}
+	i := d.g.ZoneIndex(off)
+	if !d.sequential(i) {
+		if last := d.g.ZoneIndex(off + n - 1); d.sequential(last) {
+			return 0, false, fmt.Errorf("write at %#x+%#x: from conventional zone %d into sequential zone %d: %w",
+				off, n, i, last, ErrCrossesZone)
+		}
+		return i, false, nil
+	}
+	if off%SectorSize != 0 || n%SectorSize != 0 {
+		return 0, false, fmt.Errorf("zone %d: write at %#x+%#x: not a multiple of %d: %w", i, off, n, SectorSize, ErrUnaligned)
+	}
+	if z := &d.zones[i]; off+n > z.start+z.length {
+		return 0, false, fmt.Errorf("zone %d: write at %#x+%#x: zone ends at %#x: %w", i, off, n, z.start+z.length, ErrCrossesZone)
+	}
+	return i, true, nil
+}
+
+// WriteFrom writes n bytes read from r at off, as one request: the zone
+// rules are checked on the whole range before anything is written, so a
+// request the device refuses changes nothing however long it is. The data
+// goes to the store in pieces of at most writeFromChunk bytes.
+func (d *Device) WriteFrom(r io.Reader, off, n int64) error {
+	i, sequential, err := d.checkWrite(off, n)
+	if err != nil || n == 0 {
+		return err
+	}
+	buf := make([]byte, min(n, writeFromChunk))
+	pieces := func() error {
+		for done := int64(0); done < n; {
+			p := buf[:min(n-done, int64(len(buf)))]
+			if _, err := io.ReadFull(r, p); err != nil {
+				return fmt.Errorf("write at %#x: reading the data: %w", off+done, err)
+			}
+			m, err := d.s.WriteAt(p, off+done)
+			if err == nil && m != len(p) {
+				err = io.ErrShortWrite
+			}
+			if err != nil {
+				return fmt.Errorf("at %#x: %w", off+done, err)
+			}
+			done += int64(len(p))
+		}
+		return nil
+	}
+	if !sequential {
+		if err := pieces(); err != nil {
+			return fmt.Errorf("write at %#x+%#x: %w", off, n, err)
+		}
+		return nil
+	}
+	res, err := d.reserve(i, off, n, "write")
+	if err != nil {
+		return err
+	}
+	return d.complete(i, res, pieces())
+}
+
+// writeFromChunk bounds the buffer of WriteFrom.
+const writeFromChunk = 1 << 20
 
 // Append writes p at zoneStart's write pointer and returns the offset where
 // the data landed. zoneStart must be the start of a sequential zone, p a

@@ -14,7 +14,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -23,6 +22,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/zq-csi/zq-csi/image"
 	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
@@ -328,35 +328,39 @@ func ioWrite(s *ioSession, opts []opt, operands []string) error {
 	if !zero && length > maxIOBytes {
 		return &ioUsageError{fmt.Sprintf("length cannot exceed %d, given %s", maxIOBytes, operands[1])}
 	}
-	if s.zones != nil {
-		return s.devWrite(off, length, pattern, zero, unmap, fua, quiet)
+	if s.vol.ReadOnly() {
+		return fmt.Errorf("write failed: %w", image.ErrReadOnly)
 	}
 	start := time.Now()
 	if zero {
-		err = s.vol.Img.WriteZeroes(off, length, unmap)
+		err = s.vol.WriteZeroes(off, length, !unmap, false)
 	} else {
-		buf := bytes.Repeat([]byte{pattern}, int(min(length, ioChunk)))
-		for done := int64(0); done < length && err == nil; {
-			n := min(length-done, int64(len(buf)))
-			var got int
-			got, err = s.vol.Img.WriteAt(buf[:n], off+done)
-			if err == nil && int64(got) != n {
-				err = io.ErrShortWrite
-			}
-			done += n
-		}
+		err = s.vol.WriteFrom(repeated(pattern), off, length)
 	}
 	if err == nil && fua {
-		err = s.vol.Img.Flush()
+		err = s.vol.Flush()
 	}
 	elapsed := time.Since(start)
 	if err != nil {
+		if s.zones != nil {
+			return &devError{"write", err}
+		}
 		return fmt.Errorf("write failed: %w", err)
 	}
 	if !quiet {
 		printReport(s.out, "wrote", elapsed, off, length, length, 1)
 	}
 	return nil
+}
+
+// repeated reads as an endless run of b.
+type repeated byte
+
+func (b repeated) Read(p []byte) (int, error) {
+	for i := range p {
+		p[i] = byte(b)
+	}
+	return len(p), nil
 }
 
 func ioDiscard(s *ioSession, opts []opt, operands []string) error {

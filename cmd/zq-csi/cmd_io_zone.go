@@ -17,7 +17,6 @@ import (
 	"fmt"
 	"math"
 	"syscall"
-	"time"
 
 	"github.com/zq-csi/zq-csi/image"
 	"github.com/zq-csi/zq-csi/volume"
@@ -36,79 +35,6 @@ func openSession(file string, readOnly bool) (*volume.Volume, error) {
 		opts = image.OpenOptions{ReadOnly: true}
 	}
 	return volume.Open(file, opts)
-}
-
-// devWrite is `write` on a zoned image: through the device, which checks
-// the write against the write pointer, the capacity and the limits.
-// Zeroes in conventional zones go to the image directly (unmapping with
-// -u), as the device sends them.
-func (s *ioSession) devWrite(off, length int64, pattern byte, zero, unmap, fua, quiet bool) error {
-	if s.vol.Img.ReadOnly() {
-		return fmt.Errorf("write failed: %w", image.ErrReadOnly)
-	}
-	g := s.zones.Geometry()
-	convEnd := int64(g.ConventionalZones) * g.ZoneSize
-	start := time.Now()
-	var err error
-	if zero && off >= 0 && length >= 0 && off <= convEnd && length <= convEnd-off {
-		err = s.vol.Img.WriteZeroes(off, length, unmap)
-	} else if err = s.preflight(off, length); err == nil {
-		if zero {
-			pattern = 0
-		}
-		buf := bytes.Repeat([]byte{pattern}, int(max(0, min(length, ioChunk))))
-		for done := int64(0); done < length && err == nil; {
-			n := min(length-done, int64(len(buf)))
-			err = s.vol.WriteAt(buf[:n], off+done)
-			done += n
-		}
-	}
-	if err == nil && fua {
-		err = s.vol.Flush()
-	}
-	elapsed := time.Since(start)
-	if err != nil {
-		return &devError{"write", err}
-	}
-	if !quiet {
-		printReport(s.out, "wrote", elapsed, off, length, length, 1)
-	}
-	return nil
-}
-
-// preflight refuses, before any data is written, a write longer than one
-// buffer (ioChunk) that the device would refuse as a whole: such a write
-// reaches the device in pieces, and a later piece must not be the first
-// to fail. The device checks everything else on the first piece.
-func (s *ioSession) preflight(off, n int64) error {
-	if n <= ioChunk {
-		return nil
-	}
-	g := s.zones.Geometry()
-	if off < 0 || off > g.Size || n > g.Size-off {
-		return fmt.Errorf("write at %#x+%#x, device size %#x: %w", off, n, g.Size, zoned.ErrWritePastEnd)
-	}
-	i, last := g.ZoneIndex(off), g.ZoneIndex(off+n-1)
-	if i < g.ConventionalZones {
-		if last >= g.ConventionalZones {
-			return fmt.Errorf("write at %#x+%#x: from conventional zone %d into sequential zone %d: %w",
-				off, n, i, last, zoned.ErrCrossesZone)
-		}
-		return nil
-	}
-	z, err := s.zones.ZoneAt(off)
-	if err != nil {
-		return err
-	}
-	switch {
-	case off%zoned.SectorSize != 0 || n%zoned.SectorSize != 0:
-		return fmt.Errorf("zone %d: write at %#x+%#x: not a multiple of %d: %w", i, off, n, zoned.SectorSize, zoned.ErrUnaligned)
-	case off+n > z.Start+z.Length:
-		return fmt.Errorf("zone %d: write at %#x+%#x: zone ends at %#x: %w", i, off, n, z.Start+z.Length, zoned.ErrCrossesZone)
-	case z.Cond != zoned.Full && off == z.WritePointer && off+n > z.Start+z.Capacity:
-		return fmt.Errorf("zone %d: write at %#x+%#x, capacity ends at %#x: %w", i, off, n, z.Start+z.Capacity, zoned.ErrBeyondCapacity)
-	}
-	return nil
 }
 
 // conventionalOnly refuses an operation (discard) on a zoned image that
