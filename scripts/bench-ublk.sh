@@ -128,7 +128,7 @@ run() {
 # attach BACKEND IMAGE: start zq-csi attach in the background (pid), set
 # dev to the device it prints.
 attach() {
-	"$bin" attach --backend "$1" "$2" >"$work/dev" 2>"$work/attach.log" &
+	"$bin" attach --frontend "$1" "$2" >"$work/dev" 2>"$work/attach.log" &
 	pid=$!
 	for _ in $(seq 300); do
 		[[ -s $work/dev ]] && {
@@ -137,7 +137,7 @@ attach() {
 		}
 		sleep 0.1
 	done
-	echo "bench-ublk: attach --backend $1 printed no device: $(cat "$work/attach.log")" >&2
+	echo "bench-ublk: attach --frontend $1 printed no device: $(cat "$work/attach.log")" >&2
 	exit 1
 }
 

@@ -156,13 +156,13 @@ func params(b volume.Backend, opts *Options) (Params, error) {
 	g := b.Zones().Geometry()
 	zs := g.ZoneSize / 512
 	if err := g.CheckLinux(); err != nil {
-		return Params{}, fmt.Errorf("%w; attach with --backend nbd (a plain disk, zones kept by zq-csi): %w", err, ErrGeometry)
+		return Params{}, fmt.Errorf("%w; attach with --frontend nbd (a plain disk, zones kept by zq-csi): %w", err, ErrGeometry)
 	}
 	switch {
 	case zs > 1<<31:
-		return Params{}, fmt.Errorf("zone size %d bytes is larger than ublk's 1 TiB limit; attach with --backend nbd: %w", g.ZoneSize, ErrGeometry)
+		return Params{}, fmt.Errorf("zone size %d bytes is larger than ublk's 1 TiB limit; attach with --frontend nbd: %w", g.ZoneSize, ErrGeometry)
 	case size%g.ZoneSize != 0:
-		return Params{}, fmt.Errorf("size %d is not a whole number of %d-byte zones (ublk reports only whole zones); attach with --backend nbd: %w", size, g.ZoneSize, ErrGeometry)
+		return Params{}, fmt.Errorf("size %d is not a whole number of %d-byte zones (ublk reports only whole zones); attach with --frontend nbd: %w", size, g.ZoneSize, ErrGeometry)
 	}
 	p.Zoned = true
 	p.ChunkSectors = uint32(zs)

@@ -381,6 +381,22 @@ func TestKernelCLI(t *testing.T) {
 	if msg, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(msg), "not a whole number of") {
 		t.Errorf("attach --backend ublk of a partial last zone: %v, %s", err, msg)
 	}
+
+	// Zones that are not a power of two (QEMU makes them: shared/testdata/
+	// qemu v5): Linux cannot hold them as zones, so ublk refuses them by
+	// name and the default falls back to nbd.
+	odd48 := createZoned(t, 96<<20, zoned.Geometry{ZoneSize: 48 << 20, ZoneCapacity: 48 << 20, MaxAppendBytes: 256 << 10})
+	const why = "zone.size 50331648 is not a power of two"
+	a = vmtest.StartAttach(t, bin, "/dev/nbd", odd48)
+	if !strings.Contains(a.Stderr.String(), why) {
+		t.Errorf("fallback to nbd of 48 MiB zones without saying why: %q", a.Stderr)
+	}
+	vmtest.Run(t, bin, "detach", a.Dev)
+	a.Wait(t)
+	cmd = exec.Command(bin, "attach", "--frontend", "ublk", odd48)
+	if msg, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(msg), why) {
+		t.Errorf("attach --frontend ublk of 48 MiB zones: %v, %s", err, msg)
+	}
 }
 
 // TestKernelRecoverAfterKill: the serving process is killed (SIGKILL)

@@ -26,7 +26,7 @@ import (
 )
 
 func attachUsage(w io.Writer) {
-	fmt.Fprintf(w, `Usage: zq-csi attach [--backend ublk|nbd] [--read-only] [--block-size 512|4096]
+	fmt.Fprintf(w, `Usage: zq-csi attach [--frontend ublk|nbd] [--read-only] [--block-size 512|4096]
                      [--queues N] [--queue-depth N]
                      [--connections N] [--timeout SEC] [--dead-conn-timeout SEC] [--device /dev/nbdN]
                      [--recover /dev/ublkbN|/dev/nbdN] FILE
@@ -38,7 +38,7 @@ SIGTERM or SIGINT, which sync and remove the device, flush and close the
 image and exit 0, or until the device is removed (zq-csi detach). Nothing
 listens on the network or the filesystem. Needs root (CAP_SYS_ADMIN).
 
-Backends:
+Frontends (the kernel driver the device is served through):
   ublk  /dev/ublkbN (ublk_drv module). A zoned image becomes a host-managed
         zoned disk: the kernel knows its zones, limits and zone append
         (blkzone, btrfs and f2fs zoned mode, fio --zonemode=zbd). Its zone
@@ -51,7 +51,7 @@ Backends:
   The default is ublk when the kernel supports it for the image, else nbd
   (a note on stderr says why).
 
-  --backend B            ublk or nbd (default: ublk where possible)
+  --frontend F           ublk or nbd (default: ublk where possible; --backend is its old name)
   --read-only            a read-only device
   --block-size B         logical block size, 512 or 4096 (default: 512 for a zoned image,
                          otherwise 4096 when the size is a multiple of it)
@@ -84,7 +84,8 @@ failed.
 
 func runAttach(e *env, args []string) int {
 	fs := newFlagSet(e.prog)
-	backend := fs.String("backend", "", "kernel frontend")
+	frontend := fs.String("frontend", "", "kernel frontend: ublk or nbd")
+	fs.StringVar(frontend, "backend", "", "the old name of --frontend")
 	conns := fs.Int("connections", 0, "connections")
 	readOnly := fs.Bool("read-only", false, "read-only device")
 	blockSize := fs.Int64("block-size", 0, "logical block size")
@@ -101,29 +102,29 @@ func runAttach(e *env, args []string) int {
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	if err == nil && *recoverDev != "" && *backend == "" {
-		// The device names its backend.
-		*backend = "nbd"
+	if err == nil && *recoverDev != "" && *frontend == "" {
+		// The device names its frontend.
+		*frontend = "nbd"
 		if strings.HasPrefix(*recoverDev, "/dev/ublk") {
-			*backend = "ublk"
+			*frontend = "ublk"
 		}
 	}
 	switch {
 	case err != nil:
 	case len(operands) != 1:
 		err = usagef("expected one FILE, got %d operands", len(operands))
-	case *backend != "" && *backend != "ublk" && *backend != "nbd":
-		err = usagef("--backend %q: must be ublk or nbd", *backend)
+	case *frontend != "" && *frontend != "ublk" && *frontend != "nbd":
+		err = usagef("--frontend %q: must be ublk or nbd", *frontend)
 	case *blockSize != 0 && *blockSize != 512 && *blockSize != 4096:
 		err = usagef("--block-size %d: must be 512 or 4096", *blockSize)
 	case *queues < 0 || *queues > 64:
 		err = usagef("--queues %d: must be 1 to 64", *queues)
 	case *depth < 0 || *depth > 4096:
 		err = usagef("--queue-depth %d: must be 1 to 4096", *depth)
-	case *backend == "ublk" && (set["connections"] || set["timeout"] || set["dead-conn-timeout"] || set["device"]):
-		err = usagef("--connections, --timeout, --dead-conn-timeout and --device apply to --backend nbd")
-	case *backend == "nbd" && (set["queues"] || set["queue-depth"]):
-		err = usagef("--queues and --queue-depth apply to --backend ublk")
+	case *frontend == "ublk" && (set["connections"] || set["timeout"] || set["dead-conn-timeout"] || set["device"]):
+		err = usagef("--connections, --timeout, --dead-conn-timeout and --device apply to --frontend nbd")
+	case *frontend == "nbd" && (set["queues"] || set["queue-depth"]):
+		err = usagef("--queues and --queue-depth apply to --frontend ublk")
 	case *conns < 0 || *conns > 64:
 		err = usagef("--connections %d: must be 1 to 64", *conns)
 	case *timeout < 0:
@@ -156,7 +157,7 @@ func runAttach(e *env, args []string) int {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
 
-	o := attach.Options{Frontend: attach.Frontend(*backend), BlockSize: int(*blockSize),
+	o := attach.Options{Frontend: attach.Frontend(*frontend), BlockSize: int(*blockSize),
 		Queues: *queues, QueueDepth: *depth,
 		Connections: *conns, Timeout: time.Duration(*timeout) * time.Second,
 		DeadConnTimeout: time.Duration(*deadConn) * time.Second, NBDDevice: *device,

@@ -4,7 +4,7 @@
 //	zq-csi image create|info|check ...   qemu-img-like image tools
 //	zq-csi io [-r] [-c CMD]... FILE       qemu-io-like I/O on one image
 //	zq-csi export [--socket P|--tcp A] FILE  qemu-nbd-like NBD export
-//	zq-csi attach [--backend ublk|nbd] FILE  attach to the kernel, print /dev/ublkbN or /dev/nbdN
+//	zq-csi attach [--frontend ublk|nbd] FILE attach to the kernel, print /dev/ublkbN or /dev/nbdN
 //	zq-csi detach DEV                     remove an attached device
 //	zq-csi serve --endpoint unix:///PATH ...  the CSI plugin
 //
