@@ -122,10 +122,18 @@ func (d *Device) Err() error {
 // Detach syncs the block device, removes it and stops serving.
 func (d *Device) Detach() error {
 	if d.ublk != nil {
-		if err := d.ublk.Stop(); err != nil && !errors.Is(err, unix.ENODEV) {
-			return err
+		err := d.ublk.Stop()
+		if errors.Is(err, unix.ENODEV) {
+			err = nil
 		}
-		return d.ublk.Close()
+		select {
+		case <-d.ublk.Stopped():
+			// Stopped, even if the sync before failed: remove it all the
+			// same, or the device would outlive its server.
+			return errors.Join(err, d.ublk.Close())
+		default:
+			return err // still serving: nothing was removed
+		}
 	}
 	return errors.Join(d.nbd.Detach(), d.nbd.Wait())
 }

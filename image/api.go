@@ -75,7 +75,8 @@ type OpenOptions struct {
 	// does: a write-pointer table that cannot be read (out of the file,
 	// entries outside their zones) does not fail the open. Check then
 	// reports it as a corruption and a repairing Check rebuilds it;
-	// until then WritePointers and SetWritePointer fail with the reason.
+	// until then WritePointers, SetWritePointer and Grow fail with the
+	// reason.
 	ForCheck bool
 	// BootID, if set, replaces the kernel's boot id
 	// (/proc/sys/kernel/random/boot_id) that a journal is scoped to: a

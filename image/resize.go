@@ -63,6 +63,9 @@ func (img *Image) checkGrow(newSize int64) error {
 	if z == nil {
 		return nil
 	}
+	if img.wpDamage != nil {
+		return fmt.Errorf("grow: %w", img.wpDamage)
+	}
 	if img.size%z.ZoneSize != 0 {
 		return fmt.Errorf("the current size is not a whole number of %d-byte zones (the last zone is short); only such an image can grow: %w",
 			z.ZoneSize, ErrInvalidOption)

@@ -82,10 +82,9 @@ type Zones interface {
 	// AcceptReplays is for a frontend that takes over a device whose
 	// server died, before it serves: the kernel sends again the writes
 	// that were in flight, some of which the dead server had applied.
-	// Such a write lands below its zone's write pointer with the data
-	// already there, and succeeds, until the zone's first write at the
-	// write pointer, finish or reset (the kernel keeps one write per zone
-	// in flight, so the reissued ones come first).
+	// Such a write lands below the zone's write pointer of that moment
+	// with the data already there, and succeeds, until the zone is reset
+	// or finished.
 	AcceptReplays()
 }
 
@@ -139,9 +138,9 @@ func imageErrno(err error) syscall.Errno {
 type Zoned struct {
 	Img *image.Image
 	Dev *zoned.Device
-	// replaying, set by AcceptReplays, has a flag per zone that may still
-	// see a reissued write.
-	replaying []atomic.Bool
+	// replayBelow, set by AcceptReplays, is per zone the write pointer
+	// below which a resent write is accepted; -1 once the zone changed.
+	replayBelow []atomic.Int64
 }
 
 var (
@@ -156,16 +155,12 @@ func (b *Zoned) ReadAt(p []byte, off int64) error {
 	return err
 }
 
-// WriteAt writes p at off, accepting a reissued write after AcceptReplays.
+// WriteAt writes p at off, accepting a resent write after AcceptReplays.
 func (b *Zoned) WriteAt(p []byte, off int64) error {
 	if err := b.writable("write", off); err != nil {
 		return err
 	}
 	_, err := b.Dev.WriteAt(p, off)
-	if err == nil {
-		b.replayDone(off)
-		return nil
-	}
 	if errors.Is(err, zoned.ErrNotAtWritePointer) && b.replayed(p, off) {
 		return nil
 	}
@@ -174,10 +169,16 @@ func (b *Zoned) WriteAt(p []byte, off int64) error {
 func (b *Zoned) Flush() error { return b.Dev.Flush() }
 func (b *Zoned) Zones() Zones { return b }
 
-func (b *Zoned) Geometry() Geometry                        { return b.Dev.Geometry() }
-func (b *Zoned) Report(first, n int) []Zone                { return b.Dev.Report(first, n) }
-func (b *Zoned) ZoneAt(off int64) (Zone, error)            { return b.Dev.ZoneAt(off) }
-func (b *Zoned) Append(p []byte, off int64) (int64, error) { return b.Dev.Append(p, off) }
+func (b *Zoned) Geometry() Geometry             { return b.Dev.Geometry() }
+func (b *Zoned) Report(first, n int) []Zone     { return b.Dev.Report(first, n) }
+func (b *Zoned) ZoneAt(off int64) (Zone, error) { return b.Dev.ZoneAt(off) }
+func (b *Zoned) Append(p []byte, off int64) (int64, error) {
+	if err := b.writable("append", off); err != nil {
+		return 0, err
+	}
+	return b.Dev.Append(p, off)
+}
+
 func (b *Zoned) WriteFrom(r io.Reader, off, n int64) error {
 	if err := b.writable("write", off); err != nil {
 		return err
@@ -185,7 +186,7 @@ func (b *Zoned) WriteFrom(r io.Reader, off, n int64) error {
 	return b.Dev.WriteFrom(r, off, n)
 }
 
-// writable refuses a write to a read-only image before the zone model
+// writable refuses a change to a read-only image before the zone model
 // sees it: the model would take the zone's resources first.
 func (b *Zoned) writable(op string, off int64) error {
 	if b.Img.ReadOnly() {
@@ -193,50 +194,87 @@ func (b *Zoned) writable(op string, off int64) error {
 	}
 	return nil
 }
-func (b *Zoned) Open(off, length int64) error  { return b.Dev.Open(off, length) }
-func (b *Zoned) Close(off, length int64) error { return b.Dev.Close(off, length) }
+
+func (b *Zoned) Open(off, length int64) error {
+	if err := b.writable("zone open", off); err != nil {
+		return err
+	}
+	return b.Dev.Open(off, length)
+}
+
+func (b *Zoned) Close(off, length int64) error {
+	if err := b.writable("zone close", off); err != nil {
+		return err
+	}
+	return b.Dev.Close(off, length)
+}
+
 func (b *Zoned) Finish(off, length int64) error {
-	b.replayDone(off)
-	return b.Dev.Finish(off, length)
+	if err := b.writable("zone finish", off); err != nil {
+		return err
+	}
+	if err := b.Dev.Finish(off, length); err != nil {
+		return err
+	}
+	b.replaysEnd(off, length)
+	return nil
 }
+
 func (b *Zoned) Reset(off, length int64) error {
-	b.replayDone(off)
-	return b.Dev.Reset(off, length)
+	if err := b.writable("zone reset", off); err != nil {
+		return err
+	}
+	if err := b.Dev.Reset(off, length); err != nil {
+		return err
+	}
+	b.replaysEnd(off, length)
+	return nil
 }
+
 func (b *Zoned) ResetAll() error {
-	for i := range b.replaying {
-		b.replaying[i].Store(false)
+	if err := b.writable("zone reset all", 0); err != nil {
+		return err
 	}
-	return b.Dev.ResetAll()
+	if err := b.Dev.ResetAll(); err != nil {
+		return err
+	}
+	b.replaysEnd(0, b.Dev.Geometry().Size)
+	return nil
 }
 
+// AcceptReplays records each zone's write pointer: until the zone is
+// reset or finished, a write that lies wholly below it and holds the data
+// already there is a resent one, and succeeds. Nothing else about the
+// order of the resent writes is assumed (on nbd the kernel sees a plain
+// disk and may resend two writes to one zone in either order).
 func (b *Zoned) AcceptReplays() {
-	b.replaying = make([]atomic.Bool, b.Dev.Geometry().NumZones())
-	for i := range b.replaying {
-		b.replaying[i].Store(true)
+	zones := b.Dev.Report(0, b.Dev.Geometry().NumZones())
+	b.replayBelow = make([]atomic.Int64, len(zones))
+	for i, z := range zones {
+		b.replayBelow[i].Store(z.WritePointer)
 	}
 }
 
-func (b *Zoned) replayDone(off int64) {
-	if b.replaying != nil {
-		if i := b.Dev.Geometry().ZoneIndex(off); i >= 0 {
-			b.replaying[i].Store(false)
-		}
+// replaysEnd closes the window of the zones in [off, off+length): their
+// data changed.
+func (b *Zoned) replaysEnd(off, length int64) {
+	if b.replayBelow == nil {
+		return
+	}
+	g := b.Dev.Geometry()
+	for i := max(g.ZoneIndex(off), 0); i < len(b.replayBelow) && int64(i)*g.ZoneSize < off+length; i++ {
+		b.replayBelow[i].Store(-1)
 	}
 }
 
-// replayed reports whether p at off is a reissued write: its zone may
-// still see one, and p is what the zone holds there already.
+// replayed reports whether p at off is a resent write: below its zone's
+// write pointer at AcceptReplays, with the data the zone holds there.
 func (b *Zoned) replayed(p []byte, off int64) bool {
-	if b.replaying == nil {
+	if b.replayBelow == nil {
 		return false
 	}
 	i := b.Dev.Geometry().ZoneIndex(off)
-	if i < 0 || !b.replaying[i].Load() {
-		return false
-	}
-	z, err := b.Dev.ZoneAt(off)
-	if err != nil || off+int64(len(p)) > z.WritePointer {
+	if i < 0 || off+int64(len(p)) > b.replayBelow[i].Load() {
 		return false
 	}
 	have := make([]byte, len(p))

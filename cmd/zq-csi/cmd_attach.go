@@ -102,12 +102,16 @@ func runAttach(e *env, args []string) int {
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	if err == nil && *recoverDev != "" && *frontend == "" {
-		// The device names its frontend.
-		*frontend = "nbd"
+	if err == nil && *recoverDev != "" {
+		// The device names its frontend; one given must agree.
+		named := "nbd"
 		if strings.HasPrefix(*recoverDev, "/dev/ublk") {
-			*frontend = "ublk"
+			named = "ublk"
 		}
+		if *frontend != "" && *frontend != named {
+			err = usagef("--frontend %s and --recover %s: the device is %s's", *frontend, *recoverDev, named)
+		}
+		*frontend = named
 	}
 	switch {
 	case err != nil:
