@@ -145,10 +145,12 @@ ALL_TESTS=$(seq -s ' ' 1 58)
 #       zones exercises (28, 29, 50, 52, 53 need them) and the I/O tests
 #       (5, 13, 25-27, 55), all within 3x there.
 # 54 fails on null_blk (the control) in every geometry: not run.
+# Left out of CI too: the tests that ran at 2.5-2.8x in a CI run (G1 24;
+# G2 16 17; G3 26 27 29 55), which a busier machine could push past 3x.
 CI_SET=(
-	"G1=1 14 18 20 22 24 33 35 37 39 41 45 47"
-	"G2=2 5 7 8 11 15 16 17 24"
-	"G3=5 13 25 26 27 28 29 50 52 53 55"
+	"G1=1 14 18 20 22 33 35 37 39 41 45 47"
+	"G2=2 5 7 8 11 15 24"
+	"G3=5 13 25 28 50 52 53"
 )
 
 log() { echo "fio-zbd: $*" >&2; }
