@@ -14,7 +14,9 @@
 #   3. every Go package with vmtest-tagged tests, via vm-go-test.sh ./...;
 #   4. fio's own zoned test suite (t/zbd/test-zbd-support of fio 3.33) on a
 #      zq-csi ublk device against a zoned null_blk of the same geometry, via
-#      fio-zbd.sh (one "ok"/"not ok" per geometry, counted here).
+#      fio-zbd.sh (one "ok"/"not ok" per geometry, counted here), and its
+#      negative control: a zq-csi image with a deliberately lower open-zone
+#      limit than null_blk's must fail test 13 of the suite, and only that.
 # Prints "ok"/"not ok" per check and ends with "N passed, N failed"; exits 1
 # if anything failed. Each step boots its own guest (about 10 s each).
 set -euo pipefail
@@ -162,7 +164,11 @@ fi
 echo "# fio t/zbd (test-zbd-support) on zq-csi ublk and null_blk (fio-zbd.sh)"
 t=$EPOCHREALTIME
 rc=0
-"$E2E_DIR/fio-zbd.sh" 2>&1 | tee "$SCRATCH/out" | sed -u -e '/^ok - /d' -e '/^not ok - /d' -e 's/^/  /' || rc=$?
+# In the tier the limit is 5x the control (ZQ_ZBD_RATIO): a second run of
+# the same set on the same machine saw tests of 2-4 s on the control go
+# from 1.0x to 2.95x, and CI machines are busier. The 3x goal is measured
+# by whole-suite runs (test/e2e/README.md), not by this pass/fail tier.
+ZQ_ZBD_RATIO=${ZQ_ZBD_RATIO:-5} "$E2E_DIR/fio-zbd.sh" 2>&1 | tee "$SCRATCH/out" | sed -u -e '/^ok - /d' -e '/^not ok - /d' -e 's/^/  /' || rc=$?
 n=0
 while IFS= read -r line; do
 	case $line in
@@ -173,11 +179,21 @@ done <"$SCRATCH/out"
 expect "fio-zbd.sh exit status ($(tail -n1 "$SCRATCH/out"), $(elapsed "$t")s)" 0 "$rc"
 if ((n > 0)); then ok "fio-zbd.sh reported $n geometries"; else not_ok "fio-zbd.sh reported no geometry"; fi
 
-# No negative control here yet: the one written for it (a zq-csi image
-# allowing 2 open zones where null_blk allows any, test 13 expected to fail
-# on zq-csi only) stops at the layout check, which ZQ_ZBD_LAYOUT_CHECK=0
-# does not turn off inside the guest. That the tier fails when zq-csi does
-# was seen in whole-suite runs (G1, G2: "not ok" for tests over 3x).
+# Its negative control: the image allows 2 open zones where null_blk allows
+# any number, and the layout check that would refuse such a pair is off
+# (ZQ_ZBD_LAYOUT_CHECK=0). Test 13 runs fio with --max_open_zones=4, which
+# fio refuses on a device limited to 2 ("Specified --max_open_zones (4) is
+# larger than max (2)"): the control passes, zq-csi fails, and the run must
+# say exactly that. About 90 s.
+echo "# fio-zbd.sh negative control: a wrong open-zone limit on zq-csi must fail"
+rc=0
+ZQ_ZBD_OUT=$SCRATCH/zbd-negative ZQ_ZBD_TESTS=13 ZQ_ZBD_LAYOUT_CHECK=0 \
+	ZQ_ZBD_EXTRA_IMAGE_OPTS=zone.max_open_zones=2,zone.max_active_zones=2 \
+	"$E2E_DIR/fio-zbd.sh" G2 >"$SCRATCH/out" 2>&1 || rc=$?
+expect "fio-zbd.sh exit status with a wrong limit" 1 "$rc"
+got=$(grep -c '^not ok - fio t/zbd G2 .*null_blk 1 pass/0 fail/0 skip, zq-csi 0 pass/1 fail/0 skip.*ZQ-CSI FAILURES: 13(FAIL)' "$SCRATCH/out" || true)
+expect "fio-zbd.sh reports zq-csi failing test 13 and nothing else" 1 "$got"
+[[ $got == 1 ]] || sed 's/^/  /' "$SCRATCH/out"
 
 echo "# total $(elapsed "$T0")s"
 echo "$PASS passed, $FAIL failed"
