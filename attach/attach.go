@@ -18,7 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/zq-csi/zq-csi/nbdattach"
+	"github.com/zq-csi/zq-csi/nbd"
 	"github.com/zq-csi/zq-csi/ublk"
 	"github.com/zq-csi/zq-csi/volume"
 )
@@ -57,7 +57,7 @@ type Options struct {
 	// Queues and QueueDepth are ublk's (ublk.Options).
 	Queues, QueueDepth int
 	// Connections, Timeout and DeadConnTimeout are nbd's
-	// (nbdattach.Options). A zoned volume gets one connection unless told:
+	// (nbd.Options). A zoned volume gets one connection unless told:
 	// the kernel sees a plain disk and spreads writes over the
 	// connections, and with one they reach the zones in the order the
 	// application issued them.
@@ -78,7 +78,7 @@ func (o *Options) logf(format string, args ...any) {
 // Device is a volume attached to the kernel and served by this process.
 type Device struct {
 	ublk *ublk.Device
-	nbd  *nbdattach.Device
+	nbd  *nbd.Device
 }
 
 // Path is the block device: /dev/ublkbN or /dev/nbdN.
@@ -185,7 +185,7 @@ func Attach(v *volume.Volume, o Options) (*Device, error) {
 			return nil, err
 		}
 		opts.Index = index
-		d, err := nbdattach.Attach(v.Backend, opts)
+		d, err := nbd.Attach(v.Backend, opts)
 		if err != nil {
 			return nil, err
 		}
@@ -212,16 +212,16 @@ func ublkOptions(v *volume.Volume, o Options) ublk.Options {
 }
 
 // nbdOptions are o for nbd, with its rules for a zoned volume, and the
-// index of o.NBDDevice (nbdattach.Any for "").
-func nbdOptions(v *volume.Volume, o Options) (nbdattach.Options, int, error) {
-	index := nbdattach.Any
+// index of o.NBDDevice (nbd.Any for "").
+func nbdOptions(v *volume.Volume, o Options) (nbd.Options, int, error) {
+	index := nbd.Any
 	if o.NBDDevice != "" {
 		var err error
-		if index, err = nbdattach.ParseDevice(o.NBDDevice); err != nil {
-			return nbdattach.Options{}, 0, fmt.Errorf("%w: %w", ErrNotADevice, err)
+		if index, err = nbd.ParseDevice(o.NBDDevice); err != nil {
+			return nbd.Options{}, 0, fmt.Errorf("%w: %w", ErrNotADevice, err)
 		}
 	}
-	opts := nbdattach.Options{Connections: o.Connections, BlockSize: int64(o.BlockSize), ReadOnly: v.ReadOnly(),
+	opts := nbd.Options{Connections: o.Connections, BlockSize: int64(o.BlockSize), ReadOnly: v.ReadOnly(),
 		Timeout: o.Timeout, DeadConnTimeout: o.DeadConnTimeout, BackendID: volume.BackendID(v.Path), Logf: o.Logf}
 	if v.Zones() != nil {
 		if opts.BlockSize == 0 {
@@ -273,7 +273,7 @@ func Recover(v *volume.Volume, device string, o Options) (*Device, error) {
 		}
 		return &Device{ublk: d}, nil
 	case strings.HasPrefix(device, "/dev/nbd"):
-		index, err := nbdattach.ParseDevice(device)
+		index, err := nbd.ParseDevice(device)
 		if err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrNotADevice, err)
 		}
@@ -281,7 +281,7 @@ func Recover(v *volume.Volume, device string, o Options) (*Device, error) {
 		if err != nil {
 			return nil, err
 		}
-		d, err := nbdattach.Recover(index, v.Backend, opts)
+		d, err := nbd.Recover(index, v.Backend, opts)
 		if err != nil {
 			return nil, err
 		}
@@ -337,14 +337,14 @@ func remove(device, image string) error {
 		}
 		return err
 	}
-	index, err := nbdattach.ParseDevice(device)
+	index, err := nbd.ParseDevice(device)
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrNotADevice, err)
 	}
 	if image != "" {
-		if id, _ := nbdattach.BackendIDOf(index); id != volume.BackendID(image) {
+		if id, _ := nbd.BackendIDOf(index); id != volume.BackendID(image) {
 			return nil // not connected, or another volume's device now
 		}
 	}
-	return nbdattach.Disconnect(index)
+	return nbd.Disconnect(index)
 }

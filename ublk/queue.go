@@ -2,6 +2,7 @@ package ublk
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"runtime"
 	"sync"
@@ -245,7 +246,7 @@ func (q *queue) run(ready chan<- error) error {
 			return ringErr
 		}
 		if len(fetched) == 1 && q.inflight == 0 {
-			if err := q.commit(q.dev.serve(q, fetched[0].tag, fetched[0].iod)); err != nil {
+			if err := q.commit(q.serve(fetched[0].tag, fetched[0].iod)); err != nil {
 				return err
 			}
 		} else {
@@ -254,7 +255,7 @@ func (q *queue) run(ready chan<- error) error {
 				q.requests.Add(1)
 				go func() {
 					defer q.requests.Done()
-					q.finish(q.dev.serve(q, r.tag, r.iod))
+					q.finish(q.serve(r.tag, r.iod))
 				}()
 			}
 		}
@@ -309,3 +310,28 @@ func (q *queue) commitFinished() error {
 	}
 	return nil
 }
+
+// copyIn reads a request's data (a write or an append) into p.
+func (q *queue) copyIn(tag int, p []byte) error { return q.userCopy(unix.Pread, "from", tag, p) }
+
+// copyOut writes p as a request's data (a read or a zone report).
+func (q *queue) copyOut(tag int, p []byte) error { return q.userCopy(unix.Pwrite, "to", tag, p) }
+
+// userCopy moves a request's data with pread or pwrite on the character
+// device (user copy, which the kernel requires for zoned devices: the
+// commit carries a zone append's sector in the field its buffer mode
+// would use for an address).
+func (q *queue) userCopy(op func(int, []byte, int64) (int, error), dir string, tag int, p []byte) error {
+	n, err := op(q.charFD, p, q.dataAt(tag, 0))
+	if n == len(p) {
+		return nil
+	}
+	if err == nil {
+		err = io.ErrUnexpectedEOF
+	}
+	return fmt.Errorf("copying %d bytes of request %d %s the kernel (done %d): %w", len(p), tag, dir, n, err)
+}
+
+// dataAt is where byte at of request tag's data is on the character
+// device.
+func (q *queue) dataAt(tag int, at int64) int64 { return userCopyOffset(q.id, tag) + at }

@@ -2,7 +2,6 @@ package ublk
 
 import (
 	"fmt"
-	"io"
 	"syscall"
 	"time"
 
@@ -11,13 +10,12 @@ import (
 	"github.com/zq-csi/zq-csi/volume"
 )
 
-// serve runs one request from the kernel and returns its result for the
-// commit. Data moves between the request and our buffer with
-// pread/pwrite on the character device (user copy, which the kernel
-// requires for zoned devices: the commit carries a zone append's sector in
-// the field buffer mode would use for an address).
-func (d *Device) serve(q *queue, tag uint16, r iod) completion {
-	n, lba, err := d.handle(q, int(tag), r)
+// serve runs one request from the kernel on the device's backend and
+// returns its result for the commit. Its data moves through the queue
+// (copyIn, copyOut).
+func (q *queue) serve(tag uint16, r iod) completion {
+	d := q.dev
+	n, lba, err := q.handle(int(tag), r)
 	res := int32(n)
 	if int(r.op) < len(d.ops) {
 		d.ops[r.op].Add(1)
@@ -74,7 +72,8 @@ func (d *Device) Stats() Stats {
 
 // handle returns the bytes done (the result the kernel wants for requests
 // with data) and, for a zone append, the sector where the data landed.
-func (d *Device) handle(q *queue, tag int, r iod) (n int, lba uint64, err error) {
+func (q *queue) handle(tag int, r iod) (n int, lba uint64, err error) {
+	d := q.dev
 	off := int64(r.startSector) * volume.SectorSize
 	n = int(r.nrSectors) * volume.SectorSize
 	switch r.op {
@@ -118,7 +117,7 @@ func (d *Device) handle(q *queue, tag int, r iod) (n int, lba uint64, err error)
 		}
 		return n, uint64(at / volume.SectorSize), err
 	case opReportZones:
-		n, err = d.report(q, tag, off, int(r.nrSectors))
+		n, err = q.report(tag, off, int(r.nrSectors))
 		return n, 0, err
 	case opZoneOpen:
 		return 0, 0, d.zones.Open(off, d.zones.Geometry().ZoneSize)
@@ -139,7 +138,8 @@ func (d *Device) handle(q *queue, tag int, r iod) (n int, lba uint64, err error)
 // asked for, and a short result would make it reissue the request for the
 // rest, so the entries are followed by zeros (a zero-length entry ends the
 // report) up to the buffer's end.
-func (d *Device) report(q *queue, tag int, off int64, nr int) (int, error) {
+func (q *queue) report(tag int, off int64, nr int) (int, error) {
+	d := q.dev
 	g := d.zones.Geometry()
 	zones := d.zones.Report(g.ZoneIndex(off), nr)
 	if len(zones) == 0 {
@@ -161,7 +161,7 @@ func (d *Device) report(q *queue, tag int, off int64, nr int) (int, error) {
 	clear(zeros)
 	for {
 		chunk := zeros[:pageSize-done%pageSize]
-		n, err := unix.Pwrite(q.charFD, chunk, userCopyOffset(q.id, tag)+int64(done))
+		n, err := unix.Pwrite(q.charFD, chunk, q.dataAt(tag, int64(done)))
 		switch {
 		case err == unix.EINVAL || (err == nil && n == 0):
 			// The end of the kernel's buffer: nothing more to copy
@@ -175,25 +175,6 @@ func (d *Device) report(q *queue, tag int, off int64, nr int) (int, error) {
 }
 
 const pageSize = 4096
-
-// copyIn reads a request's data (a write or an append) into p.
-func (q *queue) copyIn(tag int, p []byte) error { return q.userCopy(unix.Pread, "from", tag, p) }
-
-// copyOut writes p as a request's data (a read or a zone report).
-func (q *queue) copyOut(tag int, p []byte) error { return q.userCopy(unix.Pwrite, "to", tag, p) }
-
-// userCopy moves a request's data with pread or pwrite on the character
-// device, at the request's offset there.
-func (q *queue) userCopy(op func(int, []byte, int64) (int, error), dir string, tag int, p []byte) error {
-	n, err := op(q.charFD, p, userCopyOffset(q.id, tag))
-	if n == len(p) {
-		return nil
-	}
-	if err == nil {
-		err = io.ErrUnexpectedEOF
-	}
-	return fmt.Errorf("copying %d bytes of request %d %s the kernel (done %d): %w", len(p), tag, dir, n, err)
-}
 
 // errno is the result for a failed request. The kernel checked the
 // request's shape already, so an EINVAL from the zone rules (a write off

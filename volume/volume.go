@@ -1,5 +1,5 @@
 // Package volume is an image as the block device the kernel frontends
-// (ublk, nbdattach) serve: the block operations of a plain image, or of a
+// (ublk, nbd) serve: the block operations of a plain image, or of a
 // zoned image through its zoned.Device, which keeps the zone rules (discard
 // resets whole sequential zones, zeros in a sequential zone are a write at
 // the write pointer) and maps errors to errnos. It binds the two lower
@@ -71,6 +71,10 @@ type Zones interface {
 	// Append writes p at the write pointer of the zone at off and
 	// returns where it landed.
 	Append(p []byte, off int64) (int64, error)
+	// CheckAppend returns the error an append of n bytes at off gets
+	// whatever the zone's state (not a zone start, a size the geometry
+	// refuses), before the caller gathers the data.
+	CheckAppend(off, n int64) error
 	// WriteFrom writes n bytes read from r at off as one request: one
 	// the zone model refuses changes nothing, however long it is.
 	WriteFrom(r io.Reader, off, n int64) error
@@ -178,6 +182,8 @@ func (b *Zoned) Append(p []byte, off int64) (int64, error) {
 	}
 	return b.Dev.Append(p, off)
 }
+
+func (b *Zoned) CheckAppend(off, n int64) error { return b.Dev.CheckAppend(off, n) }
 
 func (b *Zoned) WriteFrom(r io.Reader, off, n int64) error {
 	if err := b.writable("write", off); err != nil {

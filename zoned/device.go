@@ -410,19 +410,10 @@ const writeFromChunk = 1 << 20
 // below the zone capacity.
 func (d *Device) Append(p []byte, zoneStart int64) (int64, error) {
 	n := int64(len(p))
-	i := d.g.ZoneIndex(zoneStart)
-	switch {
-	case i < 0:
-		return 0, fmt.Errorf("append at %#x, device size %#x: %w", zoneStart, d.g.Size, ErrOutOfRange)
-	case zoneStart%d.g.ZoneSize != 0:
-		return 0, fmt.Errorf("append at %#x: not a zone start: %w", zoneStart, ErrUnaligned)
-	case !d.sequential(i):
-		return 0, fmt.Errorf("zone %d: append: %w", i, ErrConventionalZone)
-	case n == 0 || n%SectorSize != 0:
-		return 0, fmt.Errorf("zone %d: append of %#x bytes: not a positive multiple of %d: %w", i, n, SectorSize, ErrUnaligned)
-	case n > d.g.MaxAppendBytes:
-		return 0, fmt.Errorf("zone %d: append of %#x bytes, max_append_bytes %#x: %w", i, n, d.g.MaxAppendBytes, ErrAppendTooLarge)
+	if err := d.CheckAppend(zoneStart, n); err != nil {
+		return 0, err
 	}
+	i := d.g.ZoneIndex(zoneStart)
 	r, err := d.reserve(i, -1, n, "append")
 	if err != nil {
 		return 0, err
@@ -431,6 +422,26 @@ func (d *Device) Append(p []byte, zoneStart int64) (int64, error) {
 		return 0, err
 	}
 	return r.start, nil
+}
+
+// CheckAppend returns the error Append would return for n bytes at
+// zoneStart whatever the zone's state: not a sequential zone's start, or a
+// size the geometry refuses. A caller can check before it gathers the data.
+func (d *Device) CheckAppend(zoneStart, n int64) error {
+	i := d.g.ZoneIndex(zoneStart)
+	switch {
+	case i < 0:
+		return fmt.Errorf("append at %#x, device size %#x: %w", zoneStart, d.g.Size, ErrOutOfRange)
+	case zoneStart%d.g.ZoneSize != 0:
+		return fmt.Errorf("append at %#x: not a zone start: %w", zoneStart, ErrUnaligned)
+	case !d.sequential(i):
+		return fmt.Errorf("zone %d: append: %w", i, ErrConventionalZone)
+	case n <= 0 || n%SectorSize != 0:
+		return fmt.Errorf("zone %d: append of %#x bytes: not a positive multiple of %d: %w", i, n, SectorSize, ErrUnaligned)
+	case n > d.g.MaxAppendBytes:
+		return fmt.Errorf("zone %d: append of %#x bytes, max_append_bytes %#x: %w", i, n, d.g.MaxAppendBytes, ErrAppendTooLarge)
+	}
+	return nil
 }
 
 // reserve checks a write of n bytes at off (off < 0: an append, at the write

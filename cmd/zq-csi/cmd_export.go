@@ -21,7 +21,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/zq-csi/zq-csi/nbdattach"
+	"github.com/zq-csi/zq-csi/nbd"
 )
 
 func exportUsage(w io.Writer) {
@@ -69,8 +69,8 @@ func runExport(e *env, args []string) int {
 	if err != nil {
 		return e.fail(err, nil)
 	}
-	srv := &nbdattach.Server{
-		Exports: []*nbdattach.Export{{
+	srv := &nbd.Server{
+		Exports: []*nbd.Export{{
 			Name: *name, Description: filepath.Base(operands[0]), Backend: vol.Backend,
 			ReadOnly: *readOnly, NoMultiConn: *shared == 1,
 		}},

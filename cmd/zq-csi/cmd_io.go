@@ -9,7 +9,7 @@ package main
 // On a zoned image the session serves it through its zone model, and
 // reads, writes and the zone commands (cmd_io_zone.go) go through it: the
 // zone rules apply, and the open conditions of zones last as long as the
-// session, as in qemu-io. The device's failures print qemu-io's line on
+// session, as in qemu-io. A failed request prints qemu-io's line on
 // stdout ("write failed: Invalid argument") and the cause on stderr.
 
 import (
@@ -24,7 +24,6 @@ import (
 
 	"github.com/zq-csi/zq-csi/image"
 	"github.com/zq-csi/zq-csi/volume"
-	"github.com/zq-csi/zq-csi/zoned"
 )
 
 // maxIOBytes is qemu-io's limit for one read or write with a data buffer
@@ -156,7 +155,7 @@ func (s *ioSession) execute(line string) bool {
 	switch {
 	case errors.Is(err, errReported):
 	case errors.As(err, &de):
-		fmt.Fprintf(s.out, "%s failed: %s\n", de.op, strerror(zoned.Errno(de.err)))
+		fmt.Fprintf(s.out, "%s failed: %s\n", de.op, strerror(s.vol.Errno(de.err)))
 		fmt.Fprintf(s.errw, "zq-csi: %s failed: %v\n", de.op, de.err)
 	case errors.As(err, &ue):
 		fmt.Fprintf(s.errw, "zq-csi: %s: %v\nusage: %s %s\n", c.name, err, c.name, c.synopsis)
@@ -166,10 +165,19 @@ func (s *ioSession) execute(line string) bool {
 	return false
 }
 
-// devError is a failure of the zoned device (or of a zone command on a
-// plain image). It prints as qemu-io prints a failed request, "<op>
-// failed: <strerror>" on stdout, with the errno zoned.Errno gives, and
-// then the cause on stderr.
+// writable refuses a change to a read-only image before the request, as
+// qemu-io does ("Block node is read-only", on stderr only).
+func (s *ioSession) writable(op string) error {
+	if s.vol.ReadOnly() {
+		return fmt.Errorf("%s failed: %w", op, image.ErrReadOnly)
+	}
+	return nil
+}
+
+// devError is a failed request to the volume (a zone command on a plain
+// image among them). It prints as qemu-io prints a failed request, "<op>
+// failed: <strerror>" on stdout, with the errno the volume maps the cause
+// to, and then the cause on stderr.
 type devError struct {
 	op  string // "write", "zone open", ...
 	err error
@@ -261,10 +269,7 @@ func ioRead(s *ioSession, opts []opt, operands []string) error {
 		err = s.vol.ReadAt(p, off+done)
 		elapsed += time.Since(start)
 		if err != nil {
-			if s.zones != nil {
-				return &devError{"read", err}
-			}
-			return fmt.Errorf("read failed: %w", err)
+			return &devError{"read", err}
 		}
 		if patternSet && !mismatch {
 			lo, hi := max(vStart, off+done), min(vEnd, off+done+n)
@@ -328,8 +333,8 @@ func ioWrite(s *ioSession, opts []opt, operands []string) error {
 	if !zero && length > maxIOBytes {
 		return &ioUsageError{fmt.Sprintf("length cannot exceed %d, given %s", maxIOBytes, operands[1])}
 	}
-	if s.vol.ReadOnly() {
-		return fmt.Errorf("write failed: %w", image.ErrReadOnly)
+	if err := s.writable("write"); err != nil {
+		return err
 	}
 	start := time.Now()
 	if zero {
@@ -342,10 +347,7 @@ func ioWrite(s *ioSession, opts []opt, operands []string) error {
 	}
 	elapsed := time.Since(start)
 	if err != nil {
-		if s.zones != nil {
-			return &devError{"write", err}
-		}
-		return fmt.Errorf("write failed: %w", err)
+		return &devError{"write", err}
 	}
 	if !quiet {
 		printReport(s.out, "wrote", elapsed, off, length, length, 1)
@@ -369,6 +371,9 @@ func ioDiscard(s *ioSession, opts []opt, operands []string) error {
 	if err != nil {
 		return err
 	}
+	if err := s.writable("discard"); err != nil {
+		return err
+	}
 	start := time.Now()
 	if s.zones != nil {
 		// Only conventional zones can be discarded: a sequential zone's
@@ -378,7 +383,7 @@ func ioDiscard(s *ioSession, opts []opt, operands []string) error {
 		}
 	}
 	if err := s.vol.Img.Discard(off, length); err != nil {
-		return fmt.Errorf("discard failed: %w", err)
+		return &devError{"discard", err}
 	}
 	if !quiet {
 		printReport(s.out, "discard", time.Since(start), off, length, length, 1)
@@ -388,10 +393,7 @@ func ioDiscard(s *ioSession, opts []opt, operands []string) error {
 
 func ioFlush(s *ioSession, _ []opt, _ []string) error {
 	if err := s.vol.Flush(); err != nil {
-		if s.zones != nil {
-			return &devError{"flush", err}
-		}
-		return fmt.Errorf("flush failed: %w", err)
+		return &devError{"flush", err}
 	}
 	return nil
 }

@@ -84,8 +84,8 @@ func ioZoneMgmt(op string, f func(z volume.Zones, off, length int64) error) func
 		if s.zones == nil {
 			return &devError{op, errNotZoned}
 		}
-		if s.vol.Img.ReadOnly() {
-			return fmt.Errorf("%s failed: %w", op, image.ErrReadOnly)
+		if err := s.writable(op); err != nil {
+			return err
 		}
 		if err := f(s.zones, off, length); err != nil {
 			return &devError{op, err}
@@ -135,24 +135,18 @@ func ioZoneAppend(s *ioSession, opts []opt, operands []string) error {
 	if s.zones == nil {
 		return &devError{op, errNotZoned}
 	}
-	if s.vol.Img.ReadOnly() {
-		return fmt.Errorf("%s failed: %w", op, image.ErrReadOnly)
+	if err := s.writable(op); err != nil {
+		return err
 	}
-	g := s.zones.Geometry()
+	// Each buffer must be whole sectors, as each of qemu-io's iovecs.
 	for k, n := range lens {
 		if n%zoned.SectorSize != 0 {
 			return &devError{op, fmt.Errorf("append at %#x: buffer %d of %d bytes is not a multiple of %d: %w",
 				off, k+1, n, zoned.SectorSize, zoned.ErrUnaligned)}
 		}
 	}
-	if total > g.MaxAppendBytes {
-		// Do not allocate what the device refuses; let it name the
-		// zone's problem first, if there is one.
-		if i := g.ZoneIndex(off); i >= g.ConventionalZones && off%g.ZoneSize == 0 {
-			return &devError{op, fmt.Errorf("zone %d: append of %#x bytes, max_append_bytes %#x: %w",
-				i, total, g.MaxAppendBytes, zoned.ErrAppendTooLarge)}
-		}
-		_, err := s.zones.Append(nil, off)
+	// Do not allocate what the device refuses.
+	if err := s.zones.CheckAppend(off, total); err != nil {
 		return &devError{op, err}
 	}
 	pos, err := s.zones.Append(bytes.Repeat([]byte{pattern}, int(total)), off)

@@ -1,4 +1,4 @@
-package nbdattach
+package nbd
 
 // Kernel attach: the export is handed to the kernel nbd driver over
 // generic netlink through unix socketpairs, one per connection. The

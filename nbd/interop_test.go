@@ -1,4 +1,4 @@
-package nbdattach
+package nbd
 
 // Interop tier: an in-process server on a unix socket against Debian's
 // qemu-io/qemu-img (qemu-utils) and libnbd's nbdinfo/nbdcopy (libnbd-bin).

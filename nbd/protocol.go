@@ -1,4 +1,4 @@
-// Package nbdattach serves images over the NBD protocol (the fixed
+// Package nbd serves images over the NBD protocol (the fixed
 // newstyle handshake and the transmission phase of the NetworkBlockDevice
 // project's doc/proto.md) to NBD clients such as qemu, nbdcopy and nbdinfo,
 // and to the kernel's nbd driver through ServeTransmission.
@@ -9,7 +9,7 @@
 // when negotiated), WRITE (FUA), DISC, FLUSH, TRIM, WRITE_ZEROES (NO_HOLE,
 // FAST_ZERO) and BLOCK_STATUS. Requests of one connection run concurrently
 // on a bounded pool of workers; replies are serialized.
-package nbdattach
+package nbd
 
 import (
 	"encoding/binary"

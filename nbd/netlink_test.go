@@ -1,4 +1,4 @@
-package nbdattach
+package nbd
 
 import (
 	"encoding/binary"

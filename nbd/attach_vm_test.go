@@ -3,11 +3,11 @@
 // Kernel attach tests: they need the nbd module of the VM harness kernel
 // and run only there, through
 //
-//	test/e2e/vm-go-test.sh ./nbdattach/
+//	test/e2e/vm-go-test.sh ./nbd/
 //
 // The vmtest build tag keeps them out of plain `go test ./...` on the
 // host; run any other way they fail.
-package nbdattach
+package nbd
 
 import (
 	"bytes"
@@ -28,7 +28,7 @@ import (
 	"github.com/zq-csi/zq-csi/volume"
 )
 
-func TestMain(m *testing.M) { vmtest.Main(m, "./nbdattach/") }
+func TestMain(m *testing.M) { vmtest.Main(m, "./nbd/") }
 
 const blkGetSize64 = 0x80081272 // _IOR(0x12, 114, u64)
 

@@ -1,4 +1,4 @@
-package nbdattach
+package nbd
 
 import (
 	"bufio"
@@ -55,7 +55,7 @@ func (e *Export) flags(structured bool) uint16 {
 const DefaultWorkers = 16
 
 // ErrServerClosed is returned by Serve after Shutdown.
-var ErrServerClosed = errors.New("nbdattach: server closed")
+var ErrServerClosed = errors.New("nbd: server closed")
 
 // Server serves exports to clients that do the fixed newstyle handshake.
 type Server struct {
@@ -415,15 +415,10 @@ func (c *conn) optReply(opt, typ uint32, data []byte) error {
 // success.
 func (c *conn) info(s *Server, opt uint32, data []byte) (*Export, error) {
 	bad := func(msg string) (*Export, error) { return nil, c.optReply(opt, repErrInvalid, []byte(msg)) }
-	if len(data) < 6 {
-		return bad("request too short")
+	name, rest, msg := splitName(data, 2)
+	if msg != "" {
+		return bad(msg)
 	}
-	nl := int64(binary.BigEndian.Uint32(data))
-	if nl > int64(len(data))-6 {
-		return bad("name length past the request")
-	}
-	name := string(data[4 : 4+nl])
-	rest := data[4+nl:]
 	nreq := int(binary.BigEndian.Uint16(rest))
 	if len(rest) != 2+2*nreq {
 		return bad("information request count does not match the length")
@@ -476,6 +471,20 @@ func (c *conn) info(s *Server, opt uint32, data []byte) (*Export, error) {
 	return e, nil
 }
 
+// splitName splits an option's data that starts with a 32-bit length and
+// an export name, and holds at least tail more bytes after it, into the
+// name and the rest; msg says what is wrong when they do not fit.
+func splitName(data []byte, tail int) (name string, rest []byte, msg string) {
+	if len(data) < 4+tail {
+		return "", nil, "request too short"
+	}
+	nl := int64(binary.BigEndian.Uint32(data))
+	if nl > int64(len(data)-4-tail) {
+		return "", nil, "name length past the request"
+	}
+	return string(data[4 : 4+nl]), data[4+nl:], ""
+}
+
 // metaContext answers LIST_META_CONTEXT and SET_META_CONTEXT; the only
 // context is base:allocation.
 func (c *conn) metaContext(s *Server, opt uint32, data []byte) error {
@@ -483,15 +492,10 @@ func (c *conn) metaContext(s *Server, opt uint32, data []byte) error {
 	if opt == optSetMetaContext && !c.structured {
 		return bad("SET_META_CONTEXT needs structured replies first")
 	}
-	if len(data) < 8 {
-		return bad("request too short")
+	name, rest, msg := splitName(data, 4)
+	if msg != "" {
+		return bad(msg)
 	}
-	nl := int64(binary.BigEndian.Uint32(data))
-	if nl > int64(len(data))-8 {
-		return bad("name length past the request")
-	}
-	name := string(data[4 : 4+nl])
-	rest := data[4+nl:]
 	nq := binary.BigEndian.Uint32(rest)
 	rest = rest[4:]
 	var queries []string

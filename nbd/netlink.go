@@ -1,4 +1,4 @@
-package nbdattach
+package nbd
 
 // A minimal generic netlink client for the kernel nbd driver's "nbd"
 // family (linux/nbd-netlink.h), on a raw AF_NETLINK socket: CONNECT,
