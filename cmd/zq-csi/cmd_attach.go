@@ -16,6 +16,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -29,7 +30,7 @@ func attachUsage(w io.Writer) {
 	fmt.Fprintf(w, `Usage: zq-csi attach [--frontend ublk|nbd] [--read-only] [--block-size 512|4096]
                      [--queues N] [--queue-depth N]
                      [--connections N] [--timeout SEC] [--dead-conn-timeout SEC] [--device /dev/nbdN]
-                     [--recover /dev/ublkbN|/dev/nbdN] FILE
+                     [--recover /dev/ublkbN|/dev/nbdN] [--cpu-profile OUT] FILE
 
 Attach FILE (a qcow2 image, zoned or not) to the kernel as a block device
 served by this process, print the device path and serve it in the
@@ -69,6 +70,9 @@ nbd:
                          how long the kernel holds I/O when this process is gone, waiting
                          for 'attach --recover' (default 60; 0: fail the I/O at once)
   --device /dev/nbdN     use this device (default: the first free one)
+diagnostics:
+  --cpu-profile OUT      write a CPU profile of the server to OUT (go tool pprof), from the
+                         moment the device exists until it is removed
 `)
 }
 
@@ -95,6 +99,7 @@ func runAttach(e *env, args []string) int {
 	recoverDev := fs.String("recover", "", "device to take back")
 	queues := fs.Int("queues", 0, "ublk queues")
 	depth := fs.Int("queue-depth", 0, "ublk queue depth")
+	cpuProfile := fs.String("cpu-profile", "", "CPU profile output")
 	operands, err := parseInterspersed(fs, args)
 	if errors.Is(err, flag.ErrHelp) {
 		attachUsage(e.stdout)
@@ -142,6 +147,14 @@ func runAttach(e *env, args []string) int {
 		return e.fail(err, attachUsage)
 	}
 
+	var profile *os.File
+	if *cpuProfile != "" {
+		// Created before the image is opened: a bad path fails with nothing attached.
+		if profile, err = os.Create(*cpuProfile); err != nil {
+			return e.fail(fmt.Errorf("--cpu-profile: %w", err), nil)
+		}
+		defer profile.Close()
+	}
 	vol, err := openSession(operands[0], *readOnly)
 	if err != nil {
 		return e.fail(err, nil)
@@ -181,6 +194,13 @@ func runAttach(e *env, args []string) int {
 		return e.fail(err, nil)
 	}
 	fmt.Fprintln(e.stdout, d.Path())
+	if profile != nil {
+		if err := pprof.StartCPUProfile(profile); err != nil {
+			e.errorf("attach: --cpu-profile: %v", err)
+		} else {
+			defer pprof.StopCPUProfile()
+		}
+	}
 
 	code := exitOK
 	select {
