@@ -11,9 +11,11 @@ package ublk_test
 
 import (
 	"bytes"
+	"compress/gzip"
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -356,7 +358,8 @@ func TestKernelCLI(t *testing.T) {
 	if err := image.Create(plain, image.CreateOptions{Size: 256 << 20}); err != nil {
 		t.Fatal(err)
 	}
-	a = vmtest.StartAttach(t, bin, "/dev/ublkb", "--backend", "ublk", "--queues", "2", plain)
+	profile := filepath.Join(t.TempDir(), "cpu.pprof")
+	a = vmtest.StartAttach(t, bin, "/dev/ublkb", "--backend", "ublk", "--queues", "2", "--cpu-profile", profile, plain)
 	out := vmtest.Run(t, "fio", "--name=plain", "--filename="+a.Dev, "--rw=randwrite", "--bs=4k", "--size=32M",
 		"--direct=1", "--ioengine=io_uring", "--iodepth=16", "--verify=crc32c", "--do_verify=1")
 	if !strings.Contains(out, "err= 0") {
@@ -367,6 +370,11 @@ func TestKernelCLI(t *testing.T) {
 		t.Fatalf("attach after SIGTERM: %v; stderr: %s", err, a.Stderr)
 	}
 	vmtest.CheckImageClean(t, plain)
+	// The profile is written when the device goes: a gzipped pprof
+	// profile whose samples include the server's request path.
+	if err := profileNames(profile, "zq-csi/ublk.(*queue).serve"); err != nil {
+		t.Errorf("--cpu-profile: %v", err)
+	}
 
 	// A partial last zone is not something ublk can report: nbd serves
 	// the image instead.
@@ -499,4 +507,26 @@ func TestKernelQueuePerCPUOnItsCPUs(t *testing.T) {
 			t.Fatalf("fio on CPU %d:\n%s", cpu, out)
 		}
 	}
+}
+
+// profileNames checks that file is a gzipped CPU profile that names fn (a
+// profile's function names are plain strings in its string table).
+func profileNames(file, fn string) error {
+	f, err := os.Open(file)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		return fmt.Errorf("%s: not gzipped: %w", file, err)
+	}
+	raw, err := io.ReadAll(zr)
+	if err != nil {
+		return fmt.Errorf("%s: %w", file, err)
+	}
+	if !bytes.Contains(raw, []byte(fn)) {
+		return fmt.Errorf("%s: %d bytes, no sample in %s", file, len(raw), fn)
+	}
+	return nil
 }
