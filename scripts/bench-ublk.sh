@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # bench-ublk.sh: the kernel frontends, in VM harness guests, one run: fio on
 # the ublk device of a zoned image, on the nbd device of a copy of the same
-# image, and on a memory-backed zoned null_blk of the same geometry (the
-# ceiling: no userspace server at all). Geometry: 1 GiB, 64 MiB zones, the
-# first 2 conventional, max 8 open and active.
+# image, on a memory-backed zoned null_blk of the same geometry (the
+# ceiling: no userspace server at all), and on ublk-null, a ublk device of
+# the same size served by zq-csi's ublk frontend over a backend that does
+# nothing (test/e2e/ublknull: no image, no zones, no file I/O; plain, so
+# its jobs run without --zonemode=zbd): the ceiling of a ublk server in
+# this guest, which says how much of the gap to null_blk is the round trip
+# through ublk itself. Geometry: 1 GiB, 64 MiB zones, the first 2
+# conventional, max 8 open and active.
 #
 # Jobs (4 KiB direct I/O through io_uring unless said):
 #   seq-write   1 MiB writes over 8 sequential zones, iodepth 1 (a zoned device
@@ -22,7 +27,7 @@
 #
 # Usage: scripts/bench-ublk.sh [SECONDS per timed job (default 8)]
 #   ZQ_BENCH_HOG=0 skips the busy-host half; ZQ_BENCH_DEVICES="ublk null_blk"
-#   picks devices (default: ublk nbd null_blk).
+#   picks devices (default: ublk nbd null_blk ublk-null).
 # Runs the guest half (the same script with --guest) through test/e2e/vm.sh.
 # Under TCG the absolute numbers are low; compare the ratios.
 set -euo pipefail
@@ -30,7 +35,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 
 if [[ ${1:-} != --guest ]]; then
 	runtime=${1:-8}
-	(cd "$root" && go build -o bin/zq-csi ./cmd/zq-csi)
+	(cd "$root" && go build -o bin/zq-csi ./cmd/zq-csi && go build -o bin/ublknull ./test/e2e/ublknull)
 	out=$(mktemp -d /tmp/bench-ublk-host.XXXXXX)
 	hogs=()
 	trap 'kill "${hogs[@]}" 2>/dev/null; rm -rf "$out"' EXIT
@@ -148,9 +153,27 @@ detach() {
 	rm -f "$work/dev"
 }
 
-devices=(${ZQ_BENCH_DEVICES:-ublk nbd null_blk})
+devices=(${ZQ_BENCH_DEVICES:-ublk nbd null_blk ublk-null})
 for backend in "${devices[@]}"; do
 	[[ $backend == null_blk ]] && continue
+	if [[ $backend == ublk-null ]]; then
+		"$root/bin/ublknull" --size $((nzones * zone_mb << 20)) >"$work/dev" 2>"$work/attach.log" &
+		pid=$!
+		for _ in $(seq 300); do
+			[[ -s $work/dev ]] && break
+			sleep 0.1
+		done
+		dev=$(<"$work/dev")
+		run ublk-null "$dev" 0
+		kill "$pid"
+		wait "$pid" || {
+			echo "bench-ublk: ublknull: $(cat "$work/attach.log")" >&2
+			exit 1
+		}
+		pid=
+		rm -f "$work/dev"
+		continue
+	fi
 	img=$work/$backend.qcow2
 	"$bin" image create -f qcow2 -o "zone.mode=host-managed,zone.size=${zone_mb}M,zone.conventional_zones=$conv,zone.max_open_zones=8,zone.max_active_zones=8" \
 		"$img" $((nzones * zone_mb))M >/dev/null
@@ -210,6 +233,10 @@ if "ublk" in devs and "null_blk" in devs:
     head += " %14s" % "ublk/null_blk"
 if "ublk" in devs and "nbd" in devs:
     head += " %9s" % "ublk/nbd"
+if "ublk-null" in devs and "null_blk" in devs:
+    head += " %19s" % "ublk-null/null_blk"
+if "ublk" in devs and "ublk-null" in devs:
+    head += " %15s" % "ublk/ublk-null"
 print(head)
 for job in order:
     unit = rows[devs[0], job][0]
@@ -221,6 +248,10 @@ for job in order:
         line += " %14s" % ratio(rows["ublk", job][1], rows["null_blk", job][1])
     if "ublk" in devs and "nbd" in devs:
         line += " %9s" % ratio(rows["ublk", job][1], rows["nbd", job][1])
+    if "ublk-null" in devs and "null_blk" in devs:
+        line += " %19s" % ratio(rows["ublk-null", job][1], rows["null_blk", job][1])
+    if "ublk" in devs and "ublk-null" in devs:
+        line += " %15s" % ratio(rows["ublk", job][1], rows["ublk-null", job][1])
     print(line)
 if "ublk" in devs:
     for depth in ("write", "read"):

@@ -16,8 +16,8 @@ all=(
 	"unit|unit and property tests, fuzz seeds, race detector, long loops sampled|~1.7 min"
 	"crash-default|power cuts, process deaths and random-model runs of image/ and zoned/, whole|~1 min"
 	"interop|qemu-img, qemu-io, qemu-nbd and libnbd against zq-csi|~15 s"
-	"deploy-check|Helm chart and manifests on a real kube-apiserver|~10 s warm; ~7 min cold (tools built once)"
-	"e2e|VM harness: ublk and nbd attach, zoned workloads, csi-sanity|~3.5 min warm; ~5 min cold (kernel, csi-sanity)"
+	"deploy-check|Helm chart and manifests on a real kube-apiserver|~10 s warm; ~10 min cold (tools built once)"
+	"e2e|VM harness: ublk and nbd attach, zoned workloads, csi-sanity, fio's zoned suite|~8 min warm; ~10 min cold (kernel, csi-sanity)"
 )
 want=("$@")
 
@@ -33,9 +33,9 @@ if ((${#selected[@]} == 0)); then
 	exit 2
 fi
 
-echo "make test: ${#selected[@]} tier(s). Measured on 2 cores (README, Testing): all six take about 7 minutes"
-echo "with warm caches on a quiet machine, and about 30 minutes cold (tools, kernel and modules"
-echo "fetched and built) with two CPU hogs beside them."
+echo "make test: ${#selected[@]} tier(s). Measured on 2 cores (README, Testing): all six take about 12 minutes"
+echo "with warm caches on a quiet machine, and about 25 minutes cold (tools, kernel and modules"
+echo "fetched and built)."
 names=() results=() times=()
 start_all=$SECONDS
 i=0
