@@ -135,6 +135,10 @@ done
 has() {
 	if grep -qE -- "$3" "$work/$1.yaml"; then ok "rendered $1: $2"; else notok "rendered $1: $2 (no line matching '$3')"; fi
 }
+# hasnot FILE DESC PATTERN: no line of the rendered FILE matches PATTERN
+hasnot() {
+	if grep -qE -- "$3" "$work/$1.yaml"; then notok "rendered $1: $2 (a line matches '$3')"; else ok "rendered $1: $2"; fi
+}
 if [ -s "$work/default.yaml" ]; then
 	has default "CSIDriver without attach, Persistent, storage capacity" '^  attachRequired: false$'
 	has default "CSIDriver publishes storage capacity" '^  storageCapacity: true$'
@@ -144,12 +148,18 @@ if [ -s "$work/default.yaml" ]; then
 	has default "plugin serves all services for its node" '- --node-id=\$\(NODE_NAME\)$'
 	has default "kubelet dir with Bidirectional propagation" 'mountPropagation: Bidirectional$'
 	has default "metrics port" '- --metrics-address=0.0.0.0:9809$'
+	has default "the plugin registers itself with the kubelet" '- --kubelet-registration-path=/var/lib/kubelet/plugins/zq-csi.io/csi.sock$'
+	has default "the kubelet probes the plugin with zq-csi probe" 'command: \[/usr/local/bin/zq-csi, probe, '
+	hasnot default "no registrar or livenessprobe sidecar" '- name: (node-driver-registrar|liveness-probe)$'
 	has default "default image is the appVersion" "image: ghcr.io/zq-csi/zq-csi:$(sed -n 's/^appVersion: "\(.*\)"/\1/p' "$CHART/Chart.yaml")$"
 fi
 if [ -s "$work/custom.yaml" ]; then
 	has custom "zone geometry parameters" '^  zone.max_active_zones: "8"$'
 	has custom "nbd class" '^  attach: "nbd"$'
 	has custom "resizer sidecar" '- name: csi-resizer$'
+	has custom "registrar sidecar" '- name: node-driver-registrar$'
+	has custom "livenessprobe sidecar" '- name: liveness-probe$'
+	hasnot custom "the plugin leaves registration to the sidecar" '- --registration-dir='
 	has custom "modprobe init container" '^        - name: modprobe$'
 	has custom "metrics Service" '^  name: zq-custom-metrics$'
 fi

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -31,6 +32,7 @@ func serveUsage(w io.Writer) {
 	fmt.Fprintf(w, `Usage: zq-csi serve --endpoint unix:///PATH [--node-id ID] [--pool DIR] [--state-dir DIR]
                     [--mode controller|node|all] [--driver-name NAME] [--max-volumes N]
                     [--metrics-address HOST:PORT] [-v N]
+                    [--kubelet-registration-path PATH [--registration-dir DIR]]
 
 Run the CSI plugin (CSI spec v1): the Identity service and, by --mode, the
 Controller service (volumes are zoned qcow2 images in the node-local --pool,
@@ -50,7 +52,14 @@ and the next serve with the same --state-dir takes them back.
   --max-volumes N          volumes this node stages at most (default 64)
   --metrics-address A      serve Prometheus metrics on http://A/metrics
   -v N                     log verbosity (2: every call)
-`, driver.DefaultName)
+  --kubelet-registration-path PATH
+                           register with the kubelet (what node-driver-registrar does): PATH is
+                           the --endpoint socket as the kubelet sees it on the host, e.g.
+                           /var/lib/kubelet/plugins/%s/csi.sock
+  --registration-dir DIR   the kubelet's plugin registration directory as this process sees it
+                           (default /var/lib/kubelet/plugins_registry); the socket is
+                           DIR/<driver-name>-reg.sock
+`, driver.DefaultName, driver.DefaultName)
 }
 
 func runServe(e *env, args []string) int {
@@ -64,6 +73,8 @@ func runServe(e *env, args []string) int {
 	maxVolumes := fs.Int64("max-volumes", 64, "max volumes")
 	metricsAddr := fs.String("metrics-address", "", "metrics address")
 	verbosity := fs.String("v", "0", "log verbosity")
+	kubeletPath := fs.String("kubelet-registration-path", "", "the CSI socket as the kubelet sees it")
+	regDir := fs.String("registration-dir", "/var/lib/kubelet/plugins_registry", "the kubelet's registration directory")
 	operands, err := parseInterspersed(fs, args)
 	if errors.Is(err, flag.ErrHelp) {
 		serveUsage(e.stdout)
@@ -77,6 +88,10 @@ func runServe(e *env, args []string) int {
 		err = usagef("--endpoint is required")
 	case *maxVolumes <= 0:
 		err = usagef("--max-volumes %d: must be positive", *maxVolumes)
+	case *kubeletPath != "" && *mode == driver.ModeController:
+		err = usagef("--kubelet-registration-path: the kubelet registers node plugins; --mode controller serves no node")
+	case *kubeletPath != "" && !filepath.IsAbs(*kubeletPath):
+		err = usagef("--kubelet-registration-path %q: must be an absolute path", *kubeletPath)
 	}
 	if err != nil {
 		return e.fail(err, serveUsage)
@@ -127,8 +142,20 @@ func runServe(e *env, args []string) int {
 		defer srv.Close()
 		klog.InfoS("serving metrics", "address", ml.Addr().String())
 	}
+	var registered <-chan error
+	if *kubeletPath != "" {
+		if registered, err = d.ServeRegistration(ctx, driver.Registration{Dir: *regDir, Endpoint: *kubeletPath}); err != nil {
+			l.Close()
+			return e.fail(err, nil)
+		}
+	}
 	if err := d.Serve(ctx, l); err != nil {
 		return e.fail(err, nil)
+	}
+	if registered != nil {
+		if err := <-registered; err != nil {
+			klog.ErrorS(err, "plugin registration")
+		}
 	}
 	klog.InfoS("stopped")
 	klog.Flush()

@@ -7,6 +7,7 @@
 //	zq-csi attach [--frontend ublk|nbd] FILE attach to the kernel, print /dev/ublkbN or /dev/nbdN
 //	zq-csi detach DEV                     remove an attached device
 //	zq-csi serve --endpoint unix:///PATH ...  the CSI plugin
+//	zq-csi probe [--endpoint unix:///PATH]    is the plugin ready (liveness)
 //
 // Exit codes: 0 success, 1 failure, 2 usage error; `image check` uses
 // qemu-img check's codes (see cmd_image.go).
@@ -39,6 +40,7 @@ var subcommands = []subcommand{
 	{"attach", "attach an image to the kernel (ublk or nbd) and serve it", runAttach},
 	{"detach", "remove a device attached by attach", runDetach},
 	{"serve", "run the CSI plugin (identity, controller, node services)", runServe},
+	{"probe", "ask a running plugin whether it is ready (for a liveness probe)", runProbe},
 }
 
 // env is what a subcommand talks to: its output streams and its name for
