@@ -66,8 +66,11 @@ deps:
 test: deps
 	bash scripts/test-tiers.sh
 
+# test/kube is a module of its own (the Kubernetes node tier's tools and
+# their dependencies): ./... at the root does not reach it.
 vet:
 	$(GO) vet ./...
+	cd test/kube && $(GO) vet ./...
 
 # Explicit limits, with room for a busy machine: go test's own default (10
 # minutes) is what a slow package hit under load.
@@ -79,6 +82,7 @@ CRASH_TIMEOUT ?= 45m
 # run whole in crash-default, without the race detector).
 unit:
 	$(GO) test -race -short -count=1 -timeout $(UNIT_TIMEOUT) -skip '$(INTEROP_TESTS)' ./...
+	cd test/kube && $(GO) test -race -short -count=1 -timeout $(UNIT_TIMEOUT) ./...
 
 interop:
 	$(GO) test -count=1 -timeout $(INTEROP_TIMEOUT) -run '$(INTEROP_TESTS)' ./...

@@ -3,12 +3,16 @@
 # proxy, into a cache directory outside the repository, and reuses them when
 # they are there (a version is a directory: a new pin builds anew).
 #
-#   scripts/kube-tools.sh [helm|kubeconform|kube|all]...   (default: all)
+#   scripts/kube-tools.sh [helm|kubeconform|kube|node|all]...   (default: all)
 #
 # Prints nothing but progress on stderr; the binaries end up in
 #   $ZQ_TOOLS_DIR/bin/{helm,kubeconform,kube-apiserver,kubectl,etcd}
+# and, for `node` (a Kubernetes node in the VM harness; not part of `all`),
+#   $ZQ_TOOLS_DIR/bin/{kubelet,kube-controller-manager,kube-scheduler,
+#                      containerd,containerd-shim-runc-v2,ctr,runc}
 # (symlinks into the versioned directories). ZQ_TOOLS_DIR defaults to
-# ${XDG_CACHE_HOME:-$HOME/.cache}/zq-csi-tools.
+# ${XDG_CACHE_HOME:-$HOME/.cache}/zq-csi-tools. runc needs cgo and Debian's
+# libseccomp-dev and pkg-config.
 #
 # kube-apiserver, kubectl and etcd come from k8s.io/kubernetes, which is not
 # meant to be used as a module: its go.mod replaces every k8s.io staging
@@ -24,6 +28,8 @@ export PATH="$PATH:/usr/local/go/bin"
 HELM_VERSION=${HELM_VERSION:-v3.22.0}
 KUBECONFORM_VERSION=${KUBECONFORM_VERSION:-v0.8.0}
 KUBE_VERSION=${KUBE_VERSION:-v1.37.2}
+CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.4.2}
+RUNC_VERSION=${RUNC_VERSION:-v1.5.3}
 
 TOOLS=${ZQ_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/zq-csi-tools}
 BIN=$TOOLS/bin
@@ -94,6 +100,17 @@ kubeconform_tool() {
 	goinstall "$TOOLS/kubeconform-$KUBECONFORM_VERSION" "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
 }
 
+# kube_ldflags: the version the Kubernetes binaries report (they read it
+# from these variables).
+kube_ldflags() {
+	local v=$KUBE_VERSION major minor ld="-s" p
+	major=${v#v}; major=${major%%.*}; minor=${v#v*.}; minor=${minor%%.*}
+	for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+		ld="$ld -X $p.gitVersion=$v -X $p.gitMajor=$major -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+	done
+	echo "$ld"
+}
+
 kube_tool() {
 	local dir=$TOOLS/kube-$KUBE_VERSION
 	if [ ! -x "$dir/bin/kube-apiserver" ] || [ ! -x "$dir/bin/kubectl" ] || [ ! -x "$dir/bin/etcd" ]; then
@@ -147,19 +164,58 @@ kube_tool() {
 				go get "go.etcd.io/etcd/server/v3@$(sed -n 's/^[[:space:]]*go\.etcd\.io\/etcd\/server\/v3 \(v[^ ]*\).*/\1/p' "$gomod")"
 			go mod tidy
 			mkdir -p "$dir/bin.tmp"
-			# The version the binaries report (they read it from these variables).
-			local v=$KUBE_VERSION major minor ld="-s"
-			major=${v#v}; major=${major%%.*}; minor=${v#v*.}; minor=${minor%%.*}
-			for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-				ld="$ld -X $p.gitVersion=$v -X $p.gitMajor=$major -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
-			done
-			building "kube-apiserver, kubectl and etcd $KUBE_VERSION" go build -trimpath -ldflags="$ld" -o "$dir/bin.tmp/" \
+			building "kube-apiserver, kubectl and etcd $KUBE_VERSION" go build -trimpath -ldflags="$(kube_ldflags)" -o "$dir/bin.tmp/" \
 				k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl ./etcd
 		)
 		rm -rf "${dir:?}/bin" && mv "$dir/bin.tmp" "$dir/bin"
 	fi
 	local b
 	for b in kube-apiserver kubectl etcd; do link "$b" "$dir/bin/$b"; done
+}
+
+# node_tool: what a Kubernetes node adds to the control plane of kube_tool:
+# kubelet, kube-controller-manager and kube-scheduler from the same wrapper
+# module, containerd and its runc shim, and runc.
+node_tool() {
+	kube_tool
+	local dir=$TOOLS/kube-$KUBE_VERSION b
+	if [ ! -x "$dir/node/kubelet" ] || [ ! -x "$dir/node/kube-controller-manager" ] || [ ! -x "$dir/node/kube-scheduler" ]; then
+		(
+			cd "$dir/module"
+			export GOFLAGS=-mod=mod CGO_ENABLED=0
+			# kube_tool's module imports the control plane's commands only
+			grep -q cmd/kubelet tools.go || sed -i 's#^\(\t*\)_ "k8s.io/kubernetes/cmd/kubectl"#\1_ "k8s.io/kubernetes/cmd/kube-controller-manager"\n\1_ "k8s.io/kubernetes/cmd/kube-scheduler"\n&\n\1_ "k8s.io/kubernetes/cmd/kubelet"#' tools.go
+			go mod tidy
+			mkdir -p "$dir/node.tmp"
+			building "kubelet, kube-controller-manager and kube-scheduler $KUBE_VERSION" go build -trimpath -ldflags="$(kube_ldflags)" \
+				-o "$dir/node.tmp/" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler
+		)
+		rm -rf "${dir:?}/node" && mv "$dir/node.tmp" "$dir/node"
+	fi
+	for b in kubelet kube-controller-manager kube-scheduler; do link "$b" "$dir/node/$b"; done
+
+	local cdir=$TOOLS/containerd-$CONTAINERD_VERSION
+	if [ ! -x "$cdir/containerd" ] || [ ! -x "$cdir/containerd-shim-runc-v2" ] || [ ! -x "$cdir/ctr" ]; then
+		mkdir -p "$cdir.tmp"
+		# Without cgo the btrfs snapshotter drops out; overlayfs is the one used.
+		GOBIN="$cdir.tmp" CGO_ENABLED=0 GOFLAGS=-mod=mod building "containerd, containerd-shim-runc-v2 and ctr $CONTAINERD_VERSION" \
+			go install -trimpath -ldflags="-s -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION" \
+			"github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
+			"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" \
+			"github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION"
+		rm -rf "$cdir" && mv "$cdir.tmp" "$cdir"
+	fi
+	for b in containerd containerd-shim-runc-v2 ctr; do link "$b" "$cdir/$b"; done
+
+	local rdir=$TOOLS/runc-$RUNC_VERSION
+	if [ ! -x "$rdir/runc" ]; then
+		mkdir -p "$rdir.tmp"
+		# seccomp (cgo, libseccomp) as the kubelet's RuntimeDefault profile needs.
+		GOBIN="$rdir.tmp" CGO_ENABLED=1 GOFLAGS=-mod=mod building "runc $RUNC_VERSION" \
+			go install -trimpath -tags seccomp -ldflags="-s -X main.version=${RUNC_VERSION#v}" "github.com/opencontainers/runc@$RUNC_VERSION"
+		rm -rf "$rdir" && mv "$rdir.tmp" "$rdir"
+	fi
+	link runc "$rdir/runc"
 }
 
 [ $# -gt 0 ] || set -- all
@@ -169,6 +225,12 @@ for t in "$@"; do
 	helm) [ -x "$TOOLS/helm-$HELM_VERSION/helm" ] || steps=$((steps + 1)) ;;
 	kubeconform) [ -x "$TOOLS/kubeconform-$KUBECONFORM_VERSION/kubeconform" ] || steps=$((steps + 1)) ;;
 	kube) [ -x "$TOOLS/kube-$KUBE_VERSION/bin/etcd" ] || steps=$((steps + 2)) ;;
+	node)
+		[ -x "$TOOLS/kube-$KUBE_VERSION/bin/etcd" ] || steps=$((steps + 2))
+		[ -x "$TOOLS/kube-$KUBE_VERSION/node/kubelet" ] || steps=$((steps + 1))
+		[ -x "$TOOLS/containerd-$CONTAINERD_VERSION/ctr" ] || steps=$((steps + 1))
+		[ -x "$TOOLS/runc-$RUNC_VERSION/runc" ] || steps=$((steps + 1))
+		;;
 	all)
 		[ -x "$TOOLS/helm-$HELM_VERSION/helm" ] || steps=$((steps + 1))
 		[ -x "$TOOLS/kubeconform-$KUBECONFORM_VERSION/kubeconform" ] || steps=$((steps + 1))
@@ -181,7 +243,8 @@ for t in "$@"; do
 	helm) helm_tool ;;
 	kubeconform) kubeconform_tool ;;
 	kube) kube_tool ;;
+	node) node_tool ;;
 	all) helm_tool; kubeconform_tool; kube_tool ;;
-	*) echo "usage: $0 [helm|kubeconform|kube|all]..." >&2; exit 2 ;;
+	*) echo "usage: $0 [helm|kubeconform|kube|node|all]..." >&2; exit 2 ;;
 	esac
 done

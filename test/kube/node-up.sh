@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# node-up.sh: a single-node Kubernetes cluster in a VM harness guest (issue
+# 17, work in progress): etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, containerd with runc, and a kubelet, all built from the Go
+# module proxy by scripts/kube-tools.sh node, with images made offline by
+# test/kube/ocibuild and imported before the kubelet starts. The guest has
+# no NIC: the node's address is on a dummy interface and the pods' on a CNI
+# bridge, both reachable only inside the guest.
+#
+#   test/kube/node-up.sh [CMD...]   bring the node up, check that a pod runs,
+#                                   then run CMD in the guest (KUBECONFIG set)
+#
+# Prints "ok"/"not ok" per check; exits 1 if any failed. Needs 6 GiB for the
+# guest (ZQ_VM_MEM) and, under TCG, several minutes.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+TOOLS=${ZQ_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/zq-csi-tools}
+
+if [[ ${1:-} != --guest ]]; then
+	bash "$root/scripts/kube-tools.sh" node
+	work=$(mktemp -d /var/tmp/zq-kube.XXXXXX)
+	trap 'rm -rf "$work"' EXIT
+	(cd "$root" && go build -o "$work/zq-csi" ./cmd/zq-csi)
+	(cd "$root/test/kube" && go build -o "$work/ocibuild" ./ocibuild && CGO_ENABLED=0 go build -o "$work/pause" ./pause)
+	"$work/ocibuild" --tag zq-csi.local/pause:1 --out "$work/pause.tar" --entrypoint /pause --add "$work/pause=/pause"
+	"$work/ocibuild" --tag zq-csi.local/zq-csi:dev --out "$work/zq-csi.tar" --entrypoint /usr/local/bin/zq-csi \
+		--add "$work/zq-csi=/usr/local/bin/zq-csi" --bin /usr/bin/mount --bin /usr/bin/umount --bin /usr/sbin/blkzone
+	ZQ_VM_MEM=${ZQ_VM_MEM:-6144} ZQ_VM_TIMEOUT=${ZQ_VM_TIMEOUT:-2400} ZQ_VM_SHARES="$work" ZQ_KUBE_WORK="$work" \
+		ZQ_TOOLS_DIR="$TOOLS" "$root/test/e2e/vm.sh" -- "$0" --guest "$@"
+	exit
+fi
+shift
+
+# ---- in the guest ------------------------------------------------------------
+BIN=$TOOLS/bin
+export PATH=$BIN:$PATH
+img=$ZQ_KUBE_WORK
+work=/tmp/kube
+mkdir -p "$work"/{pki,etcd,manifests,cni,containerd,kubelet,logs}
+PASS=0 FAIL=0
+ok() { echo "ok - $*"; PASS=$((PASS + 1)); }
+not_ok() { echo "not ok - $*"; FAIL=$((FAIL + 1)); }
+pids=()
+finish() {
+	echo "# logs: $work/logs (in the guest)"
+	if ((FAIL > 0)); then
+		for f in "$work"/logs/*.log; do
+			echo "# --- $(basename "$f") (last 15 lines)"
+			tail -n 15 "$f" | sed 's/^/#   /'
+		done
+	fi
+	kill "${pids[@]}" 2>/dev/null || true
+	echo "$PASS passed, $FAIL failed"
+	((FAIL == 0))
+	exit
+}
+trap finish EXIT
+# wait_for DESC SECONDS CMD...: until CMD succeeds
+wait_for() {
+	local desc=$1 limit=$2 start=$SECONDS
+	shift 2
+	while ((SECONDS - start < limit)); do
+		if "$@" >/dev/null 2>&1; then
+			ok "$desc ($((SECONDS - start))s)"
+			return 0
+		fi
+		sleep 2
+	done
+	not_ok "$desc: not within ${limit}s"
+	exit 1
+}
+
+# The kernel side: cgroup v2 with every controller delegated, the
+# networking modules, a node address.
+grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup
+for c in $(</sys/fs/cgroup/cgroup.controllers); do echo "+$c" >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true; done
+modprobe -a bridge veth br_netfilter overlay
+sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1 || true
+ip link set lo up
+ip link add zq0 type dummy && ip addr add 10.200.0.1/24 dev zq0 && ip link set zq0 up
+ip route add default dev zq0 2>/dev/null || true
+node_ip=10.200.0.1
+hostname zq-node
+ok "kernel: cgroup2 ($(</sys/fs/cgroup/cgroup.subtree_control)), node address $node_ip"
+
+# ---- control plane -----------------------------------------------------------
+openssl genrsa -out "$work/pki/sa.key" 2048 2>/dev/null
+openssl rsa -in "$work/pki/sa.key" -pubout -out "$work/pki/sa.pub" 2>/dev/null
+token=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+echo "$token,admin,admin,system:masters" >"$work/pki/tokens.csv"
+cat >"$work/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+  - name: local
+    cluster: {server: "https://$node_ip:6443", insecure-skip-tls-verify: true}
+users:
+  - name: admin
+    user: {token: $token}
+contexts:
+  - name: local
+    context: {cluster: local, user: admin}
+current-context: local
+EOF
+export KUBECONFIG=$work/kubeconfig
+etcd --name zq --data-dir "$work/etcd" --unsafe-no-fsync \
+	--listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+	--listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+	--initial-cluster zq=http://127.0.0.1:2380 --log-level error >"$work/logs/etcd.log" 2>&1 &
+pids+=($!)
+kube-apiserver --etcd-servers http://127.0.0.1:2379 \
+	--bind-address "$node_ip" --advertise-address "$node_ip" --secure-port 6443 --cert-dir "$work/pki" \
+	--token-auth-file "$work/pki/tokens.csv" --authorization-mode Node,RBAC \
+	--service-account-key-file "$work/pki/sa.pub" --service-account-signing-key-file "$work/pki/sa.key" \
+	--service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/16 \
+	--allow-privileged=true >"$work/logs/apiserver.log" 2>&1 &
+pids+=($!)
+wait_for "kube-apiserver ready" 300 bash -c '[[ $(kubectl get --raw /readyz) == ok ]]'
+kube-controller-manager --kubeconfig "$KUBECONFIG" --service-account-private-key-file "$work/pki/sa.key" \
+	--root-ca-file "$work/pki/apiserver.crt" --use-service-account-credentials=false \
+	--leader-elect=false --controllers '*,-nodeipam' >"$work/logs/controller-manager.log" 2>&1 &
+pids+=($!)
+kube-scheduler --kubeconfig "$KUBECONFIG" --leader-elect=false >"$work/logs/scheduler.log" 2>&1 &
+pids+=($!)
+
+# ---- container runtime -------------------------------------------------------
+cat >"$work/cni/10-zq.conflist" <<'EOF'
+{"cniVersion": "1.0.0", "name": "zq", "plugins": [
+  {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "loopback"}]}
+EOF
+cat >"$work/containerd.toml" <<EOF
+version = 3
+root = "$work/containerd"
+state = "/run/containerd"
+[grpc]
+  address = "/run/containerd/containerd.sock"
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "overlayfs"
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = "zq-csi.local/pause:1"
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+    BinaryName = "$BIN/runc"
+    SystemdCgroup = false
+[plugins.'io.containerd.cri.v1.runtime'.cni]
+  bin_dirs = ["/usr/lib/cni"]
+  conf_dir = "$work/cni"
+EOF
+containerd --config "$work/containerd.toml" >"$work/logs/containerd.log" 2>&1 &
+pids+=($!)
+wait_for "containerd serving" 120 ctr --address /run/containerd/containerd.sock version
+for t in "$img"/*.tar; do
+	if ctr --address /run/containerd/containerd.sock -n k8s.io images import --all-platforms "$t" >>"$work/logs/import.log" 2>&1; then
+		ok "image $(basename "$t") imported"
+	else
+		not_ok "image $(basename "$t") imported"
+	fi
+done
+
+# ---- kubelet -----------------------------------------------------------------
+cat >"$work/kubelet.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+cgroupDriver: cgroupfs
+containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
+failSwapOn: false
+authentication: {anonymous: {enabled: true}, webhook: {enabled: false}}
+authorization: {mode: AlwaysAllow}
+staticPodPath: $work/manifests
+localStorageCapacityIsolation: false
+evictionHard: {memory.available: "1Mi", nodefs.available: "1%", imagefs.available: "1%"}
+resolvConf: ""
+EOF
+kubelet --config "$work/kubelet.yaml" --kubeconfig "$KUBECONFIG" --root-dir /var/lib/kubelet \
+	--hostname-override zq-node --node-ip "$node_ip" >"$work/logs/kubelet.log" 2>&1 &
+pids+=($!)
+wait_for "node zq-node Ready" 600 bash -c '[[ $(kubectl get node zq-node -o jsonpath="{.status.conditions[?(@.type==\"Ready\")].status}") == True ]]'
+
+# ---- a pod -------------------------------------------------------------------
+kubectl create namespace zq-test >/dev/null
+kubectl -n zq-test apply -f - >/dev/null <<'EOF'
+apiVersion: v1
+kind: Pod
+metadata: {name: probe}
+spec:
+  containers:
+    - name: zq
+      image: zq-csi.local/zq-csi:dev
+      imagePullPolicy: Never
+      command: [/usr/local/bin/zq-csi, image, create, -o, zone.mode=host-managed, /tmp/z.qcow2, 64M]
+  restartPolicy: Never
+EOF
+wait_for "a pod ran to completion on the node" 600 bash -c '[[ $(kubectl -n zq-test get pod probe -o jsonpath={.status.phase}) == Succeeded ]]'
+
+if (($# > 0)); then
+	"$@"
+fi
