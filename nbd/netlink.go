@@ -296,15 +296,7 @@ func (n *nbdNetlink) connect(cfg connectConfig) (int, error) {
 	a = a.u64(nbdAttrSizeBytes, uint64(cfg.size))
 	a = a.u64(nbdAttrBlockSizeBytes, uint64(cfg.blockSize))
 	a = a.u64(nbdAttrServerFlags, cfg.serverFlags)
-	if cfg.timeout > 0 {
-		a = a.u64(nbdAttrTimeout, seconds(cfg.timeout))
-	}
-	if cfg.deadConnTimeout > 0 {
-		a = a.u64(nbdAttrDeadConnTimeout, seconds(cfg.deadConnTimeout))
-	}
-	if cfg.backendID != "" {
-		a = a.str(nbdAttrBackendID, cfg.backendID)
-	}
+	a = cfg.optional(a)
 	a = a.nested(nbdAttrSockets, socketsAttr(cfg.fds))
 	replies, err := n.do(nbdCmdConnect, a)
 	if err != nil {
@@ -337,21 +329,27 @@ func connectHint(err error) error {
 	return err
 }
 
-// reconfigure sends NBD_CMD_RECONFIGURE for cfg.index: the sockets replace
-// dead connections of the device; the timeouts are updated when set.
-func (n *nbdNetlink) reconfigure(cfg connectConfig) error {
-	a := nlAttrs(nil).u32(nbdAttrIndex, uint32(cfg.index))
+// optional appends the attributes connect and reconfigure send only when
+// set: the timeouts and the backend identifier.
+func (cfg connectConfig) optional(a nlAttrs) nlAttrs {
 	if cfg.timeout > 0 {
 		a = a.u64(nbdAttrTimeout, seconds(cfg.timeout))
 	}
 	if cfg.deadConnTimeout > 0 {
 		a = a.u64(nbdAttrDeadConnTimeout, seconds(cfg.deadConnTimeout))
 	}
-	// The kernel refuses the reconfigure when the device's backend is
-	// another one.
 	if cfg.backendID != "" {
 		a = a.str(nbdAttrBackendID, cfg.backendID)
 	}
+	return a
+}
+
+// reconfigure sends NBD_CMD_RECONFIGURE for cfg.index: the sockets replace
+// dead connections of the device; the timeouts are updated when set.
+func (n *nbdNetlink) reconfigure(cfg connectConfig) error {
+	// With a backend identifier the kernel refuses the reconfigure of a
+	// device whose backend is another one.
+	a := cfg.optional(nlAttrs(nil).u32(nbdAttrIndex, uint32(cfg.index)))
 	if len(cfg.fds) > 0 {
 		a = a.nested(nbdAttrSockets, socketsAttr(cfg.fds))
 	}

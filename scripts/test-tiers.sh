@@ -17,7 +17,7 @@ all=(
 	"crash-default|power cuts, process deaths and random-model runs of image/ and zoned/, whole|~1 min"
 	"interop|qemu-img, qemu-io, qemu-nbd and libnbd against zq-csi|~15 s"
 	"deploy-check|Helm chart and manifests on a real kube-apiserver|~10 s warm; ~10 min cold (tools built once)"
-	"e2e|VM harness: ublk and nbd attach, zoned workloads, csi-sanity, fio's zoned suite|~8 min warm; ~10 min cold (kernel, csi-sanity)"
+	"e2e|VM harness: ublk and nbd attach, zoned workloads, csi-sanity, fio's zoned suite, a Kubernetes node|~10 min warm; ~16 min cold (kernel, csi-sanity, node tools)"
 )
 want=("$@")
 

@@ -579,16 +579,8 @@ host_main() {
 	WORK=$(cd "$WORK" && pwd -P)
 	BIN=$WORK/zq-csi
 
-	PASS=0
-	FAIL=0
-	ok() {
-		PASS=$((PASS + 1))
-		echo "ok - $*"
-	}
-	not_ok() {
-		FAIL=$((FAIL + 1))
-		echo "not ok - $*"
-	}
+	# shellcheck source=tap.sh
+	. "$E2E_DIR/tap.sh"
 
 	# describe SPEC: a readable geometry.
 	describe() {

@@ -18,16 +18,8 @@ if [[ ${ZQ_VM:-} != 1 ]]; then
 	exit 2
 fi
 
-PASS=0
-FAIL=0
-ok() {
-	PASS=$((PASS + 1))
-	echo "ok - $*"
-}
-not_ok() {
-	FAIL=$((FAIL + 1))
-	echo "not ok - $*"
-}
+# shellcheck source=tap.sh
+. "$(dirname "${BASH_SOURCE[0]}")/tap.sh"
 # expect NAME WANT GOT
 expect() {
 	if [[ $3 == "$2" ]]; then ok "$1: $3"; else not_ok "$1: want '$2', got '$3'"; fi

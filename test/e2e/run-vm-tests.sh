@@ -16,7 +16,9 @@
 #      zq-csi ublk device against a zoned null_blk of the same geometry, via
 #      fio-zbd.sh (one "ok"/"not ok" per geometry, counted here), and its
 #      negative control: a zq-csi image with a deliberately lower open-zone
-#      limit than null_blk's must fail test 13 of the suite, and only that.
+#      limit than null_blk's must fail test 13 of the suite, and only that;
+#   5. a single-node Kubernetes (kubelet, containerd, runc) running a pod of
+#      an image built offline, via test/kube/node-up.sh.
 # Prints "ok"/"not ok" per check and ends with "N passed, N failed"; exits 1
 # if anything failed. Each step boots its own guest (about 10 s each).
 set -euo pipefail
@@ -26,18 +28,28 @@ REPO_DIR=$(cd "$E2E_DIR/../.." && pwd -P)
 VM=$E2E_DIR/vm.sh
 cd "$REPO_DIR"
 
-PASS=0
-FAIL=0
-ok() {
-	PASS=$((PASS + 1))
-	echo "ok - $*"
-}
-not_ok() {
-	FAIL=$((FAIL + 1))
-	echo "not ok - $*"
-}
+# shellcheck source=tap.sh
+. "$E2E_DIR/tap.sh"
 expect() { # NAME WANT GOT
 	if [[ $3 == "$2" ]]; then ok "$1"; else not_ok "$1: want '$2', got '$3'"; fi
+}
+
+# checks NAME PREFIX CMD...: run CMD, a script that prints "ok"/"not ok"
+# lines of its own; each of them becomes a check here (PREFIX before its
+# text), the rest of its output is shown indented, and its exit status and
+# that it reported anything are checks too.
+checks() {
+	local name=$1 prefix=$2 t=$EPOCHREALTIME rc=0 n=0 line
+	shift 2
+	"$@" 2>&1 | tee "$SCRATCH/out" | sed -u -e '/^ok - /d' -e '/^not ok - /d' -e 's/^/  /' || rc=$?
+	while IFS= read -r line; do
+		case $line in
+		"ok - "*) ok "$prefix${line#ok - }" && n=$((n + 1)) ;;
+		"not ok - "*) not_ok "$prefix${line#not ok - }" && n=$((n + 1)) ;;
+		esac
+	done <"$SCRATCH/out"
+	expect "$name exit status ($(tail -n1 "$SCRATCH/out"), $(elapsed "$t")s)" 0 "$rc"
+	if ((n > 0)); then ok "$name reported $n checks"; else not_ok "$name reported no check"; fi
 }
 elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 
@@ -162,22 +174,11 @@ fi
 # fio-zbd.sh prints one "ok"/"not ok" line per geometry: each one is a check
 # here (printed after its section, the rest of its output indented).
 echo "# fio t/zbd (test-zbd-support) on zq-csi ublk and null_blk (fio-zbd.sh)"
-t=$EPOCHREALTIME
-rc=0
 # In the tier the limit is 5x the control (ZQ_ZBD_RATIO): a second run of
 # the same set on the same machine saw tests of 2-4 s on the control go
 # from 1.0x to 2.95x, and CI machines are busier. The 3x goal is measured
 # by whole-suite runs (test/e2e/README.md), not by this pass/fail tier.
-ZQ_ZBD_RATIO=${ZQ_ZBD_RATIO:-5} "$E2E_DIR/fio-zbd.sh" 2>&1 | tee "$SCRATCH/out" | sed -u -e '/^ok - /d' -e '/^not ok - /d' -e 's/^/  /' || rc=$?
-n=0
-while IFS= read -r line; do
-	case $line in
-	"ok - "*) ok "${line#ok - }" && n=$((n + 1)) ;;
-	"not ok - "*) not_ok "${line#not ok - }" && n=$((n + 1)) ;;
-	esac
-done <"$SCRATCH/out"
-expect "fio-zbd.sh exit status ($(tail -n1 "$SCRATCH/out"), $(elapsed "$t")s)" 0 "$rc"
-if ((n > 0)); then ok "fio-zbd.sh reported $n geometries"; else not_ok "fio-zbd.sh reported no geometry"; fi
+checks fio-zbd.sh "" env ZQ_ZBD_RATIO="${ZQ_ZBD_RATIO:-5}" "$E2E_DIR/fio-zbd.sh"
 
 # Its negative control: the image allows 2 open zones where null_blk allows
 # any number, and the layout check that would refuse such a pair is off
@@ -194,6 +195,13 @@ expect "fio-zbd.sh exit status with a wrong limit" 1 "$rc"
 got=$(grep -c '^not ok - fio t/zbd G2 .*null_blk 1 pass/0 fail/0 skip, zq-csi 0 pass/1 fail/0 skip.*ZQ-CSI FAILURES: 13(FAIL)' "$SCRATCH/out" || true)
 expect "fio-zbd.sh reports zq-csi failing test 13 and nothing else" 1 "$got"
 [[ $got == 1 ]] || sed 's/^/  /' "$SCRATCH/out"
+
+# ---- 5. a Kubernetes node: kubelet, containerd and runc run a pod ----------
+# test/kube/node-up.sh boots its own guest (6 GiB) with a single-node
+# cluster built from the Go module proxy and images made offline; each of
+# its "ok"/"not ok" lines is a check here.
+echo "# a Kubernetes node in a guest (test/kube/node-up.sh)"
+checks node-up.sh "kube node: " "$REPO_DIR/test/kube/node-up.sh"
 
 echo "# total $(elapsed "$T0")s"
 echo "$PASS passed, $FAIL failed"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # node-up.sh: a single-node Kubernetes cluster in a VM harness guest (issue
-# 17, work in progress): etcd, kube-apiserver, kube-controller-manager,
+# 17, first part): etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, containerd with runc, and a kubelet, all built from the Go
 # module proxy by scripts/kube-tools.sh node, with images made offline by
 # test/kube/ocibuild and imported before the kubelet starts. The guest has
@@ -11,12 +11,17 @@
 #                                   then run CMD in the guest (KUBECONFIG set)
 #
 # Prints "ok"/"not ok" per check; exits 1 if any failed. Needs 6 GiB for the
-# guest (ZQ_VM_MEM) and, under TCG, several minutes.
+# guest (ZQ_VM_MEM); under TCG about 2 minutes once the tools are built
+# (the first run builds them: scripts/kube-tools.sh node, ~4 minutes on top
+# of deploy-check's kube-apiserver build).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 TOOLS=${ZQ_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/zq-csi-tools}
 
 if [[ ${1:-} != --guest ]]; then
+	# runc's seccomp needs libseccomp-dev and pkg-config to build; the
+	# guest (the host's root) needs the CNI plugins, ip and openssl.
+	ZQ_EXTRA_PKGS="libseccomp-dev pkg-config containernetworking-plugins iproute2 openssl" bash "$root/scripts/deps.sh"
 	bash "$root/scripts/kube-tools.sh" node
 	work=$(mktemp -d /var/tmp/zq-kube.XXXXXX)
 	trap 'rm -rf "$work"' EXIT
@@ -36,10 +41,13 @@ BIN=$TOOLS/bin
 export PATH=$BIN:$PATH
 img=$ZQ_KUBE_WORK
 work=/tmp/kube
+mkdir -p "$work"
+# The runtime's and the kubelet's filesystem must be a mount of its own:
+# the kubelet's stats (cadvisor) find a filesystem by its mount point.
+mount -t tmpfs -o size=3g kube "$work"
 mkdir -p "$work"/{pki,etcd,manifests,cni,containerd,kubelet,logs}
-PASS=0 FAIL=0
-ok() { echo "ok - $*"; PASS=$((PASS + 1)); }
-not_ok() { echo "not ok - $*"; FAIL=$((FAIL + 1)); }
+# shellcheck source=../e2e/tap.sh
+. "$root/test/e2e/tap.sh"
 pids=()
 finish() {
 	echo "# logs: $work/logs (in the guest)"
@@ -113,7 +121,7 @@ kube-apiserver --etcd-servers http://127.0.0.1:2379 \
 	--token-auth-file "$work/pki/tokens.csv" --authorization-mode Node,RBAC \
 	--service-account-key-file "$work/pki/sa.pub" --service-account-signing-key-file "$work/pki/sa.key" \
 	--service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/16 \
-	--allow-privileged=true >"$work/logs/apiserver.log" 2>&1 &
+	--allow-privileged=true --kubelet-preferred-address-types InternalIP >"$work/logs/apiserver.log" 2>&1 &
 pids+=($!)
 wait_for "kube-apiserver ready" 300 bash -c '[[ $(kubectl get --raw /readyz) == ok ]]'
 kube-controller-manager --kubeconfig "$KUBECONFIG" --service-account-private-key-file "$work/pki/sa.key" \
@@ -174,7 +182,7 @@ localStorageCapacityIsolation: false
 evictionHard: {memory.available: "1Mi", nodefs.available: "1%", imagefs.available: "1%"}
 resolvConf: ""
 EOF
-kubelet --config "$work/kubelet.yaml" --kubeconfig "$KUBECONFIG" --root-dir /var/lib/kubelet \
+kubelet --config "$work/kubelet.yaml" --kubeconfig "$KUBECONFIG" --root-dir "$work/kubelet" \
 	--hostname-override zq-node --node-ip "$node_ip" >"$work/logs/kubelet.log" 2>&1 &
 pids+=($!)
 wait_for "node zq-node Ready" 600 bash -c '[[ $(kubectl get node zq-node -o jsonpath="{.status.conditions[?(@.type==\"Ready\")].status}") == True ]]'
@@ -190,10 +198,20 @@ spec:
     - name: zq
       image: zq-csi.local/zq-csi:dev
       imagePullPolicy: Never
-      command: [/usr/local/bin/zq-csi, image, create, -o, zone.mode=host-managed, /tmp/z.qcow2, 64M]
+      command: [/usr/local/bin/zq-csi, image, create, -o, zone.mode=host-managed, /data/z.qcow2, 64M]
+      volumeMounts: [{name: data, mountPath: /data}]
+  volumes: [{name: data, emptyDir: {}}]
   restartPolicy: Never
 EOF
-wait_for "a pod ran to completion on the node" 600 bash -c '[[ $(kubectl -n zq-test get pod probe -o jsonpath={.status.phase}) == Succeeded ]]'
+phase() { kubectl -n zq-test get pod probe -o jsonpath={.status.phase}; }
+wait_for "a pod ran on the node" 600 bash -c '[[ $(kubectl -n zq-test get pod probe -o jsonpath={.status.phase}) =~ ^(Succeeded|Failed)$ ]]'
+logs=$(kubectl -n zq-test logs probe 2>&1 || true)
+if [[ $(phase) == Succeeded && $logs == *"Formatting '/data/z.qcow2', fmt=qcow2"* ]]; then
+	ok "the pod's zq-csi made a zoned image in its emptyDir"
+else
+	not_ok "the pod: phase $(phase), logs: $logs"
+	kubectl -n zq-test describe pod probe | sed 's/^/#   /'
+fi
 
 if (($# > 0)); then
 	"$@"
