@@ -33,8 +33,8 @@ if ((${#selected[@]} == 0)); then
 	exit 2
 fi
 
-echo "make test: ${#selected[@]} tier(s). Measured on 2 cores (README, Testing): all six take about 12 minutes"
-echo "with warm caches on a quiet machine, and about 25 minutes cold (tools, kernel and modules"
+echo "make test: ${#selected[@]} tier(s). Measured on 2 cores (README, Testing): all six take about 14 minutes"
+echo "with warm caches on a quiet machine, and about 32 minutes cold (tools, kernel and modules"
 echo "fetched and built)."
 names=() results=() times=()
 start_all=$SECONDS
