@@ -64,6 +64,7 @@ finish() {
 			kubectl get events -A --sort-by=.lastTimestamp | tail -n 40
 			kubectl -n zq-test describe pods
 			kubectl -n zq-csi logs -l app.kubernetes.io/component=node-plugin --all-containers --prefix --tail=40
+			kubectl -n zq-csi logs -l app.kubernetes.io/component=node-plugin -c csi-provisioner --previous --tail=25
 		} 2>&1 | sed 's/^/#   /'
 	fi
 	if ((FAIL > 0)); then
@@ -104,6 +105,9 @@ ip link set lo up
 # shared mount underneath.
 mount --make-rshared /
 ip link add zq0 type dummy && ip addr add 10.200.0.1/24 dev zq0 && ip link set zq0 up
+# No kube-proxy: the kubernetes Service's address is the node's own, and the
+# apiserver listens on its port, so pods reach it (in-cluster clients).
+ip addr add 10.96.0.1/32 dev zq0
 ip route add default dev zq0 2>/dev/null || true
 node_ip=10.200.0.1
 hostname zq-node
@@ -119,7 +123,7 @@ apiVersion: v1
 kind: Config
 clusters:
   - name: local
-    cluster: {server: "https://$node_ip:6443", insecure-skip-tls-verify: true}
+    cluster: {server: "https://$node_ip:443", insecure-skip-tls-verify: true}
 users:
   - name: admin
     user: {token: $token}
@@ -135,7 +139,7 @@ etcd --name zq --data-dir "$work/etcd" --unsafe-no-fsync \
 	--initial-cluster zq=http://127.0.0.1:2380 --log-level error >"$work/logs/etcd.log" 2>&1 &
 pids+=($!)
 kube-apiserver --etcd-servers http://127.0.0.1:2379 \
-	--bind-address "$node_ip" --advertise-address "$node_ip" --secure-port 6443 --cert-dir "$work/pki" \
+	--bind-address 0.0.0.0 --advertise-address "$node_ip" --secure-port 443 --cert-dir "$work/pki" \
 	--token-auth-file "$work/pki/tokens.csv" --authorization-mode Node,RBAC \
 	--service-account-key-file "$work/pki/sa.pub" --service-account-signing-key-file "$work/pki/sa.key" \
 	--service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/16 \
@@ -233,9 +237,10 @@ fi
 # ---- the chart: a PVC in a pod (ZQ_KUBE_CHART=1; not in the tier yet) --------
 # Where it stands (2026-12-02): the chart installs, the plugin's pod is
 # Ready, the kubelet registers the driver through `zq-csi serve
-# --kubelet-registration-path`; then csi-provisioner restarts in a loop, no
-# CSIStorageCapacity appears, and the scheduler leaves the PVC's pod
-# Pending ("did not have enough free storage"); the kubelet's exec liveness
+# --kubelet-registration-path`; csi-provisioner could not reach the
+# apiserver through the kubernetes Service (no kube-proxy: now the
+# Service's address is the node's and the apiserver listens on 443), and
+# the PVC's pod was still Pending after 6 minutes; the kubelet's exec liveness
 # probe fails to start /usr/local/bin/zq-csi in the plugin container ("no
 # such file or directory") although the container runs it. Both are the
 # next step of issue 17.
