@@ -98,7 +98,7 @@ wait_for() {
 # networking modules, a node address.
 grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup
 for c in $(</sys/fs/cgroup/cgroup.controllers); do echo "+$c" >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true; done
-modprobe -a bridge veth br_netfilter overlay
+modprobe -a bridge veth br_netfilter overlay loop # loop: the kubelet pins each block volume with a loop device
 sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1 || true
 ip link set lo up
 # Bidirectional mount propagation (the plugin's publish mounts) needs a
