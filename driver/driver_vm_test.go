@@ -143,7 +143,8 @@ func TestKernelPluginRestartUnderIO(t *testing.T) {
 		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
 	}
 	cv, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-restart", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30},
-		Parameters:         map[string]string{"zone.size": "64Mi", "zone.max_open_zones": "4", "zone.max_active_zones": "4"},
+		Parameters: map[string]string{"zone.size": "64Mi", "zone.max_open_zones": "4", "zone.max_active_zones": "4",
+			"queue.scheduler": "none"},
 		VolumeCapabilities: []*csi.VolumeCapability{capability}})
 	if err != nil {
 		t.Fatal(err)
@@ -162,6 +163,17 @@ func TestKernelPluginRestartUnderIO(t *testing.T) {
 	}
 	if z := vmtest.Run(t, "lsblk", "-dno", "ZONED", target); strings.TrimSpace(z) != "host-managed" {
 		t.Fatalf("published device: zoned %q", z)
+	}
+	// queue.scheduler is set at stage and again when a restarted plugin
+	// takes the device back: change it behind the plugin's back to see
+	// the second.
+	scheduler := func() string { return strings.TrimSpace(vmtest.Run(t, "lsblk", "-dno", "SCHED", target)) }
+	if s := scheduler(); s != "none" {
+		t.Fatalf("staged with queue.scheduler none: the device's scheduler is %q", s)
+	}
+	dev := strings.TrimSpace(vmtest.Run(t, "lsblk", "-dno", "KNAME", target))
+	if err := os.WriteFile("/sys/block/"+dev+"/queue/scheduler", []byte("mq-deadline"), 0); err != nil {
+		t.Fatal(err)
 	}
 
 	fio := vmtest.Start(t, "fio", "--name=restart", "--filename="+target, "--zonemode=zbd", "--direct=1",
@@ -183,6 +195,9 @@ func TestKernelPluginRestartUnderIO(t *testing.T) {
 	}
 	if !strings.Contains(p2.log.String(), "took back a staged volume") {
 		t.Errorf("the new plugin did not say it took the volume back:\n%s", p2.log)
+	}
+	if s := scheduler(); s != "none" {
+		t.Errorf("after the restart the device's scheduler is %q, want queue.scheduler's none", s)
 	}
 	conn2, err := grpc.NewClient(p2.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {

@@ -31,6 +31,9 @@ type stagedVolume struct {
 	Device      string   `json:"device"`
 	StagingPath string   `json:"stagingPath"`
 	Targets     []string `json:"targets,omitempty"`
+	// Scheduler is the StorageClass's queue.scheduler, set again on the
+	// device whenever it is attached or taken back.
+	Scheduler string `json:"scheduler,omitempty"`
 	// SingleWriter is the target a SINGLE_NODE_SINGLE_WRITER publish holds:
 	// while it does, the volume is published nowhere else.
 	SingleWriter string `json:"singleWriter,omitempty"`
@@ -185,6 +188,9 @@ func (d *Driver) takeBack(v *stagedVolume) error {
 		return err
 	}
 	v.dev, v.err = dev, nil
+	if err := setScheduler(sysfsRoot, dev.Path(), v.Scheduler); err != nil {
+		klog.ErrorS(err, "setting the I/O scheduler of a taken-back volume", "volume", v.ID)
+	}
 	if v.Device != dev.Path() {
 		v.Device = dev.Path()
 		if err := d.node.put(v); err != nil {
@@ -264,7 +270,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	}
 	// The record comes first, without a device: if the plugin dies during
 	// the attach, the next one finds the device by the image's tag.
-	v := &stagedVolume{ID: id, Image: path, Backend: backend, StagingPath: staging}
+	v := &stagedVolume{ID: id, Image: path, Backend: backend, StagingPath: staging, Scheduler: m.Parameters[ParamScheduler]}
 	if err := writeJSON(d.node.recordPath(id), v); err != nil {
 		vol.Close()
 		return nil, statusf(codes.Internal, "NodeStageVolume %s: %v", id, err)
@@ -276,9 +282,14 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, statusf(codes.Internal, "NodeStageVolume %s: attaching through %s: %v", id, backend, err)
 	}
 	v.Device, v.vol, v.dev = dev.Path(), vol, dev
-	if err := d.node.put(v); err != nil {
+	err = setScheduler(sysfsRoot, v.Device, v.Scheduler)
+	if err == nil {
+		err = d.node.put(v)
+	}
+	if err != nil {
 		dev.Detach()
 		vol.Close()
+		d.node.drop(id)
 		return nil, statusf(codes.Internal, "NodeStageVolume %s: %v", id, err)
 	}
 	klog.InfoS("staged volume", "volume", id, "device", v.Device, "backend", backend)

@@ -23,6 +23,11 @@ const (
 const (
 	// ParamAttach chooses the attach frontend: AttachUBLK or AttachNBD.
 	ParamAttach = "attach"
+	// ParamScheduler is the I/O scheduler the node sets on the volume's
+	// block device when it stages it (queue/scheduler in sysfs, which a
+	// pod cannot write): one of Schedulers; unset, the kernel's choice.
+	// ZenFS refuses a device whose scheduler is not mq-deadline.
+	ParamScheduler = "queue.scheduler"
 	// paramIgnoredPrefix starts the keys external-provisioner adds
 	// (csi.storage.k8s.io/pvc/name, ...): not ours, ignored.
 	paramIgnoredPrefix = "csi.storage.k8s.io/"
@@ -30,6 +35,11 @@ const (
 	// size comes from each claim's capacity request.
 	paramSize = "size"
 )
+
+// Schedulers are the values ParamScheduler takes: the schedulers that keep
+// a zoned device's writes in order (mq-deadline serialises them per zone)
+// or do not reorder them (none).
+var Schedulers = []string{"mq-deadline", "none"}
 
 // DefaultVolumeSize is the size of a volume whose capacity range asks for
 // none (required 0), before rounding up to whole zones.
@@ -45,13 +55,14 @@ var (
 
 // VolumeParams is what a StorageClass's parameters ask for.
 type VolumeParams struct {
-	Spec   imageopt.CreateSpec // image options and zone.* keys, as `zq-csi image create -o` takes them
-	Attach string              // AttachUBLK (default) or AttachNBD
+	Spec      imageopt.CreateSpec // image options and zone.* keys, as `zq-csi image create -o` takes them
+	Attach    string              // AttachUBLK (default) or AttachNBD
+	Scheduler string              // one of Schedulers, or "" for the kernel's choice
 }
 
 // ParseParameters parses CreateVolume parameters. Keys are qemu-img's option
 // names, as `zq-csi image create -o` takes them (imageopt.CreateOptionHelp
-// lists them), plus "attach"; "size" is refused (it comes from the capacity
+// lists them), plus "attach" and "queue.scheduler"; "size" is refused (it comes from the capacity
 // range). zone.mode
 // defaults to host-managed (this driver provides zoned volumes; any other
 // value is refused). Keys beginning with "csi.storage.k8s.io/" (added by
@@ -72,6 +83,12 @@ func ParseParameters(params map[string]string) (VolumeParams, error) {
 				return VolumeParams{}, fmt.Errorf("%w: %s=%q: must be %s or %s", ErrInvalidParameter, k, v, AttachUBLK, AttachNBD)
 			}
 			p.Attach = v
+		case k == ParamScheduler:
+			if !slices.Contains(Schedulers, v) {
+				return VolumeParams{}, fmt.Errorf("%w: %s=%q: must be one of %s (or unset: the kernel's choice)",
+					ErrInvalidParameter, k, v, strings.Join(Schedulers, ", "))
+			}
+			p.Scheduler = v
 		case k == paramSize:
 			return VolumeParams{}, fmt.Errorf("%w: %s: not a StorageClass parameter: the size comes from the claim's capacity request",
 				ErrInvalidParameter, k)

@@ -38,10 +38,11 @@ func TestParametersAndSize(t *testing.T) {
 		required, limit int64
 		// A valid StorageClass: the size, geometry, attach mode and
 		// image options it gives.
-		size   int64
-		geom   zoned.Geometry
-		attach string
-		opts   image.CreateOptions
+		size      int64
+		geom      zoned.Geometry
+		attach    string
+		scheduler string
+		opts      image.CreateOptions
 		// An invalid one: the sentinel and what the message must say
 		// (the key and the rule).
 		err     error
@@ -73,6 +74,10 @@ func TestParametersAndSize(t *testing.T) {
 			size: gib, geom: geom(gib, 256*mib), attach: AttachNBD},
 		{name: "attach ublk", params: map[string]string{"attach": "ublk", "zone.size": "64M"}, required: gib,
 			size: gib, geom: geom(gib, 64*mib), attach: AttachUBLK},
+		{name: "queue.scheduler mq-deadline", params: map[string]string{"queue.scheduler": "mq-deadline", "zone.size": "64M"}, required: gib,
+			size: gib, geom: geom(gib, 64*mib), attach: AttachUBLK, scheduler: "mq-deadline"},
+		{name: "queue.scheduler none", params: map[string]string{"queue.scheduler": "none", "zone.size": "64M"}, required: gib,
+			size: gib, geom: geom(gib, 64*mib), attach: AttachUBLK, scheduler: "none"},
 		{name: "external-provisioner's keys are ignored", params: map[string]string{"csi.storage.k8s.io/pvc/name": "data",
 			"csi.storage.k8s.io/pvc/namespace": "default", "csi.storage.k8s.io/pv/name": "pvc-1", "zone.size": "64M"},
 			required: gib, size: gib, geom: geom(gib, 64*mib), attach: AttachUBLK},
@@ -128,6 +133,10 @@ func TestParametersAndSize(t *testing.T) {
 			err: ErrInvalidParameter, errText: []string{`attach="iscsi": must be ublk or nbd`}},
 		{name: "attach empty", params: map[string]string{"attach": ""},
 			err: ErrInvalidParameter, errText: []string{`attach="": must be ublk or nbd`}},
+		{name: "queue.scheduler bfq", params: map[string]string{"queue.scheduler": "bfq"},
+			err: ErrInvalidParameter, errText: []string{`queue.scheduler="bfq": must be one of mq-deadline, none`}},
+		{name: "queue.scheduler empty", params: map[string]string{"queue.scheduler": ""},
+			err: ErrInvalidParameter, errText: []string{`queue.scheduler="": must be one of`}},
 		{name: "cluster_size not a size", params: map[string]string{"cluster_size": "big"},
 			err: ErrInvalidParameter, errText: []string{"option cluster_size", `invalid size "big"`}},
 		{name: "cluster_size not a power of two", params: map[string]string{"cluster_size": "3000"},
@@ -215,6 +224,9 @@ func TestParametersAndSize(t *testing.T) {
 			if p.Attach != tt.attach {
 				t.Errorf("Attach = %q, want %q", p.Attach, tt.attach)
 			}
+			if p.Scheduler != tt.scheduler {
+				t.Errorf("Scheduler = %q, want %q", p.Scheduler, tt.scheduler)
+			}
 			if got := p.Spec.Options(); !reflect.DeepEqual(got, tt.opts) {
 				t.Errorf("Spec.Options() = %+v, want %+v", got, tt.opts)
 			}
@@ -253,7 +265,7 @@ func TestZeroVolumeParams(t *testing.T) {
 // ErrInvalidParameter naming its key, and an accepted StorageClass gives
 // either a whole number of zones for its default size or a sentinel error.
 func FuzzParseParameters(f *testing.F) {
-	for _, kv := range [][2]string{{"zone.size", "64Mi"}, {"attach", "nbd"}, {"zone.conventional_zones", "0x10"},
+	for _, kv := range [][2]string{{"zone.size", "64Mi"}, {"attach", "nbd"}, {"queue.scheduler", "none"}, {"zone.conventional_zones", "0x10"},
 		{"zone.max_active_zones", "100"}, {"cluster_size", "3000"}, {"csi.storage.k8s.io/pvc/name", "x"}, {"size", "1G"}} {
 		f.Add(kv[0], kv[1], int64(0), int64(0))
 	}

@@ -23,6 +23,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/zq-csi/zq-csi/driver"
+	"github.com/zq-csi/zq-csi/podsys"
 )
 
 // version is set at build time (-ldflags "-X main.version=...").
@@ -33,6 +34,7 @@ func serveUsage(w io.Writer) {
                     [--mode controller|node|all] [--driver-name NAME] [--max-volumes N]
                     [--metrics-address HOST:PORT] [-v N]
                     [--kubelet-registration-path PATH [--registration-dir DIR]]
+                    [--nri-socket PATH]
 
 Run the CSI plugin (CSI spec v1): the Identity service and, by --mode, the
 Controller service (volumes are zoned qcow2 images in the node-local --pool,
@@ -59,7 +61,12 @@ and the next serve with the same --state-dir takes them back.
   --registration-dir DIR   the kubelet's plugin registration directory as this process sees it
                            (default /var/lib/kubelet/plugins_registry); the socket is
                            DIR/<driver-name>-reg.sock
-`, driver.DefaultName, driver.DefaultName)
+  --nri-socket PATH        connect to the container runtime's NRI socket (containerd 2.x and
+                           CRI-O serve %s) and give each container whose zoned
+                           device has another name in it (volumeDevices.devicePath) a
+                           /sys/block entry under that name, so that libzbd and ZenFS see it
+                           as zoned; the entries live in --state-dir/podsys
+`, driver.DefaultName, driver.DefaultName, podsys.DefaultSocket)
 }
 
 func runServe(e *env, args []string) int {
@@ -75,6 +82,7 @@ func runServe(e *env, args []string) int {
 	verbosity := fs.String("v", "0", "log verbosity")
 	kubeletPath := fs.String("kubelet-registration-path", "", "the CSI socket as the kubelet sees it")
 	regDir := fs.String("registration-dir", "/var/lib/kubelet/plugins_registry", "the kubelet's registration directory")
+	nriSocket := fs.String("nri-socket", "", "the container runtime's NRI socket")
 	operands, err := parseInterspersed(fs, args)
 	if errors.Is(err, flag.ErrHelp) {
 		serveUsage(e.stdout)
@@ -92,6 +100,8 @@ func runServe(e *env, args []string) int {
 		err = usagef("--kubelet-registration-path: the kubelet registers node plugins; --mode controller serves no node")
 	case *kubeletPath != "" && !filepath.IsAbs(*kubeletPath):
 		err = usagef("--kubelet-registration-path %q: must be an absolute path", *kubeletPath)
+	case *nriSocket != "" && *mode == driver.ModeController:
+		err = usagef("--nri-socket: containers run on nodes; --mode controller serves no node")
 	}
 	if err != nil {
 		return e.fail(err, serveUsage)
@@ -148,6 +158,11 @@ func runServe(e *env, args []string) int {
 			l.Close()
 			return e.fail(err, nil)
 		}
+	}
+	if *nriSocket != "" {
+		p := &podsys.Plugin{Sysfs: "/sys", Dir: filepath.Join(*stateDir, "podsys"),
+			Logf: func(f string, a ...any) { klog.InfoS(fmt.Sprintf(f, a...)) }}
+		go p.Run(ctx, *nriSocket)
 	}
 	if err := d.Serve(ctx, l); err != nil {
 		return e.fail(err, nil)

@@ -95,6 +95,7 @@ func TestServeRefusesRegistrationItCannotDo(t *testing.T) {
 	}{
 		{"a controller registers no node", []string{"--mode", "controller", "--kubelet-registration-path", "/var/lib/kubelet/plugins/x/csi.sock"}, exitUsage, "--mode controller"},
 		{"a relative kubelet path", []string{"--kubelet-registration-path", "csi.sock"}, exitUsage, "absolute path"},
+		{"a controller has no containers for NRI", []string{"--mode", "controller", "--nri-socket", "/var/run/nri/nri.sock"}, exitUsage, "--nri-socket: containers run on nodes"},
 		{"a registration directory that is not there", []string{"--kubelet-registration-path", "/k/csi.sock", "--registration-dir", filepath.Join(dir, "none")}, exitFailure, "not a directory"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -20,10 +20,6 @@ fi
 
 # shellcheck source=tap.sh
 . "$(dirname "${BASH_SOURCE[0]}")/tap.sh"
-# expect NAME WANT GOT
-expect() {
-	if [[ $3 == "$2" ]]; then ok "$1: $3"; else not_ok "$1: want '$2', got '$3'"; fi
-}
 
 NULLB=/sys/kernel/config/nullb
 ZONE_MB=64

@@ -30,9 +30,6 @@ cd "$REPO_DIR"
 
 # shellcheck source=tap.sh
 . "$E2E_DIR/tap.sh"
-expect() { # NAME WANT GOT
-	if [[ $3 == "$2" ]]; then ok "$1"; else not_ok "$1: want '$2', got '$3'"; fi
-}
 
 # checks NAME PREFIX CMD...: run CMD, a script that prints "ok"/"not ok"
 # lines of its own; each of them becomes a check here (PREFIX before its
@@ -81,6 +78,9 @@ rc=0
 	cat "$1/from-host" >"$1/echo"        # host -> guest -> host
 	echo guest-wrote-this >"$1/from-guest"
 	echo "etc $(cat /etc/debian_version)" # host root visible read-only...
+	unshare -m sleep 60 & # a process joining a mount namespace gets the same root
+	echo "setns etc $(nsenter -t $! -m cat /etc/debian_version 2>&1)"
+	kill $!
 	echo leak >/etc/zq-vm-overlay-test    # ...and writes there stay in the guest
 	exit 7' _ "$SCRATCH" >"$SCRATCH/out" 2>"$SCRATCH/err" || rc=$?
 boot_s=$(elapsed "$t")
@@ -93,11 +93,13 @@ if [[ -n $guest_krel && $guest_krel != "$(uname -r)" ]]; then
 else
 	not_ok "guest kernel '$guest_krel' (host $(uname -r))"
 fi
-expect "stdout has exactly the command's 3 lines (no console noise)" 3 "$(wc -l <"$SCRATCH/out")"
+expect "stdout has exactly the command's 4 lines (no console noise)" 4 "$(wc -l <"$SCRATCH/out")"
 expect "stderr has the command's line" "this goes to stderr" "$(grep -x 'this goes to stderr' "$SCRATCH/err" || true)"
 expect "repository share: guest read the host's file" "$token" "$(cat "$SCRATCH/echo" 2>/dev/null || true)"
 expect "repository share: host sees the guest's file" guest-wrote-this "$(cat "$SCRATCH/from-guest" 2>/dev/null || true)"
 expect "host root visible in the guest" "etc $(cat /etc/debian_version)" "$(sed -n 3p "$SCRATCH/out")"
+expect "a process that joins a mount namespace (nsenter, runc exec) sees the same root" \
+	"setns etc $(cat /etc/debian_version)" "$(sed -n 4p "$SCRATCH/out")"
 expect "guest writes outside the shares do not reach the host" no \
 	"$([[ -e /etc/zq-vm-overlay-test ]] && echo yes || echo no)"
 echo "# boot + command + poweroff: ${boot_s}s"
@@ -196,10 +198,11 @@ got=$(grep -c '^not ok - fio t/zbd G2 .*null_blk 1 pass/0 fail/0 skip, zq-csi 0 
 expect "fio-zbd.sh reports zq-csi failing test 13 and nothing else" 1 "$got"
 [[ $got == 1 ]] || sed 's/^/  /' "$SCRATCH/out"
 
-# ---- 5. a Kubernetes node: kubelet, containerd and runc run a pod ----------
+# ---- 5. a Kubernetes node: the chart, a PVC in a pod -----------------------
 # test/kube/node-up.sh boots its own guest (6 GiB) with a single-node
-# cluster built from the Go module proxy and images made offline; each of
-# its "ok"/"not ok" lines is a check here.
+# cluster built from the Go module proxy and images made offline, installs
+# the chart and runs a pod on a zq-csi PVC; each of its "ok"/"not ok" lines
+# is a check here.
 echo "# a Kubernetes node in a guest (test/kube/node-up.sh)"
 checks node-up.sh "kube node: " "$REPO_DIR/test/kube/node-up.sh"
 

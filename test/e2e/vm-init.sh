@@ -11,7 +11,8 @@
 #   4. makes every other module loadable: the guest kernel's module tree from
 #      the vm.sh cache is bound to /lib/modules/<release> for the host's kmod
 #      modprobe, which the kernel also uses for on-demand loads (mount -t btrfs),
-#   5. runs the command chrooted into that root with stdout/stderr on their own
+#   5. runs the command in that root (moved onto / in a mount namespace of its
+#      own, see below) with stdout/stderr on their own
 #      virtio-serial ports (so the host sees them clean, apart from the
 #      kernel console), writes its exit status to the job share and powers off.
 # Anything that goes wrong before the command runs is reported on the console
@@ -161,7 +162,15 @@ log "running the command"
 # From here on a failure is the command's: vm.sh boots again only a guest
 # that never got this far.
 : >/job/started
-# env -i: the command gets only what the job script exports. (busybox's env
-# and chroot: only bash itself has to be loaded over 9p.)
-env -i chroot $R /bin/bash /run/zq-vm/cmd.sh <$R/dev/null >"$OUT" 2>"$ERR"
+# env -i: the command gets only what the job script exports. (busybox's env,
+# unshare, mount and chroot: only bash itself has to be loaded over 9p.)
+# The root is moved onto / in a mount namespace of the command's own, as
+# switch_root would, rather than merely chrooted into: a process that joins
+# a mount namespace (setns: runc exec, kubectl exec, the kubelet's exec
+# probes, nsenter) gets that namespace's root, which under a bare chroot is
+# this initramfs, not the root the command sees. This namespace (PID 1's)
+# keeps /job and busybox for finish.
+env -i /bin/unshare -m --propagation private /bin/sh -c \
+	"cd $R && /bin/mount --move . / && exec /bin/chroot . /bin/bash /run/zq-vm/cmd.sh" \
+	<$R/dev/null >"$OUT" 2>"$ERR"
 finish $?

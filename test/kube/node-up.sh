@@ -8,14 +8,14 @@
 # bridge, both reachable only inside the guest.
 #
 #   test/kube/node-up.sh [CMD...]   bring the node up, check that a pod runs,
-#                                   then run CMD in the guest (KUBECONFIG set)
-#   ZQ_KUBE_CHART=1 ...             also install the chart and run a pod with a
-#                                   zq-csi PVC (in progress: see below)
+#                                   install the chart, run a pod with a zq-csi
+#                                   PVC, then run CMD in the guest (KUBECONFIG set)
 #
-# Prints "ok"/"not ok" per check; exits 1 if any failed. Needs 6 GiB for the
-# guest (ZQ_VM_MEM); under TCG about 2 minutes once the tools are built
-# (the first run builds them: scripts/kube-tools.sh node, ~4 minutes on top
-# of deploy-check's kube-apiserver build).
+# Prints "ok"/"not ok" per check and the plain line "N passed, N failed";
+# exits 1 if any failed. Needs 6 GiB for the guest (ZQ_VM_MEM); under TCG
+# about 5 minutes once the tools are built (the first run builds them:
+# scripts/kube-tools.sh node provisioner, ~8 minutes on top of
+# deploy-check's kube-apiserver build).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 TOOLS=${ZQ_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/zq-csi-tools}
@@ -23,8 +23,10 @@ TOOLS=${ZQ_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/zq-csi-tools}
 if [[ ${1:-} != --guest ]]; then
 	# runc's seccomp needs libseccomp-dev and pkg-config to build; the
 	# guest (the host's root) needs the CNI plugins, ip and openssl.
-	ZQ_EXTRA_PKGS="libseccomp-dev pkg-config containernetworking-plugins iproute2 openssl" bash "$root/scripts/deps.sh"
-	bash "$root/scripts/kube-tools.sh" node $([[ ${ZQ_KUBE_CHART:-0} == 1 ]] && echo provisioner)
+	# zbd-utils, fio and busybox-static go into the workload image.
+	ZQ_EXTRA_PKGS="libseccomp-dev pkg-config containernetworking-plugins iproute2 openssl zbd-utils busybox-static" \
+		bash "$root/scripts/deps.sh"
+	bash "$root/scripts/kube-tools.sh" node provisioner
 	work=$(mktemp -d /var/tmp/zq-kube.XXXXXX)
 	trap 'rm -rf "$work"' EXIT
 	(cd "$root" && go build -o "$work/zq-csi" ./cmd/zq-csi)
@@ -32,12 +34,14 @@ if [[ ${1:-} != --guest ]]; then
 	"$work/ocibuild" --tag zq-csi.local/pause:1 --out "$work/pause.tar" --entrypoint /pause --add "$work/pause=/pause"
 	"$work/ocibuild" --tag zq-csi.local/zq-csi:dev --out "$work/zq-csi.tar" --entrypoint /usr/local/bin/zq-csi \
 		--add "$work/zq-csi=/usr/local/bin/zq-csi" --bin /usr/bin/mount --bin /usr/bin/umount --bin /usr/sbin/blkzone
-	if [[ ${ZQ_KUBE_CHART:-0} == 1 ]]; then
-		"$work/ocibuild" --tag zq-csi.local/csi-provisioner:dev --out "$work/csi-provisioner.tar" --entrypoint /csi-provisioner \
-			--add "$(readlink -f "$TOOLS/bin/csi-provisioner")=/csi-provisioner"
-	fi
+	"$work/ocibuild" --tag zq-csi.local/csi-provisioner:dev --out "$work/csi-provisioner.tar" --entrypoint /csi-provisioner \
+		--add "$(readlink -f "$TOOLS/bin/csi-provisioner")=/csi-provisioner"
+	# what a user's zoned test pod runs: fio, util-linux's blkzone, libzbd's
+	# zbd, and a shell
+	"$work/ocibuild" --tag zq-csi.local/workload:1 --out "$work/workload.tar" --entrypoint /bin/sh \
+		--add /bin/busybox=/bin/sh --add /bin/busybox=/bin/busybox --bin /usr/bin/fio --bin /usr/sbin/blkzone --bin /usr/bin/zbd
 	ZQ_VM_MEM=${ZQ_VM_MEM:-6144} ZQ_VM_TIMEOUT=${ZQ_VM_TIMEOUT:-2400} ZQ_VM_SHARES="$work" ZQ_KUBE_WORK="$work" \
-		ZQ_TOOLS_DIR="$TOOLS" ZQ_KUBE_CHART="${ZQ_KUBE_CHART:-0}" "$root/test/e2e/vm.sh" -- "$0" --guest "$@"
+		ZQ_TOOLS_DIR="$TOOLS" "$root/test/e2e/vm.sh" -- "$0" --guest "$@"
 	exit
 fi
 shift
@@ -234,28 +238,27 @@ else
 	not_ok "the pod: phase $(phase), logs: $logs"
 fi
 
-# ---- the chart: a PVC in a pod (ZQ_KUBE_CHART=1; not in the tier yet) --------
-# Where it stands (2026-12-02): it passes (the chart installs, the kubelet
-# registers the driver through `zq-csi serve --kubelet-registration-path`,
-# the PVC is provisioned and the pod sees 4 zones), but the kubelet's exec
-# liveness probe cannot start /usr/local/bin/zq-csi in the plugin container
-# ("no such file or directory", counted as unknown, not failed), so it is
-# not in the tier yet: that, then the e2e suite, is the next step of issue 17.
-if [[ ${ZQ_KUBE_CHART:-0} == 1 ]]; then
+# ---- the chart: a PVC in a pod ----------------------------------------------
+# The user's path: helm install with a zoned StorageClass, a Block PVC bound
+# on first consumer, a pod that renames the device (devicePath /dev/zoned,
+# the host's is /dev/ublkbN) and looks at it with blkzone, libzbd's zbd, its
+# sysfs queue and fio's zoned mode with verify.
 cat >"$work/values.yaml" <<EOF
 kubeletDir: $work/kubelet
 image: {repository: zq-csi.local/zq-csi, tag: dev, pullPolicy: Never}
 sidecars:
   provisioner:
     image: {repository: zq-csi.local/csi-provisioner, tag: dev, pullPolicy: Never}
+    capacityPollInterval: 10s
 storageClasses:
   - name: zq-csi
     default: false
     reclaimPolicy: Delete
     allowVolumeExpansion: null
     attach: ublk
-    zone: {size: 64Mi, capacity: null, conventionalZones: 1, maxOpenZones: null, maxActiveZones: null, maxAppendBytes: null}
+    zone: {size: 64Mi, capacity: 48Mi, conventionalZones: 1, maxOpenZones: 3, maxActiveZones: 4, maxAppendBytes: 256Ki}
     clusterSize: null
+    scheduler: mq-deadline
     extraParameters: {}
     labels: {}
     annotations: {}
@@ -265,8 +268,38 @@ if helm install zq-csi "$root/charts/zq-csi" -n zq-csi --create-namespace -f "$w
 else
 	not_ok "helm install of the chart: $(cat "$work/logs/helm.log")"
 fi
-wait_for "the plugin's pod Ready (all its containers)" 600 kubectl -n zq-csi wait --for=condition=Ready pod -l app.kubernetes.io/component=node-plugin --timeout=10s
-wait_for "the kubelet registered the driver (CSINode zq-node)" 300 bash -c '[[ $(kubectl get csinode zq-node -o jsonpath={.spec.drivers[*].name}) == *zq-csi.io* ]]'
+plugin=(-n zq-csi -l app.kubernetes.io/component=node-plugin)
+wait_for "the plugin's pod Ready (all its containers)" 600 kubectl wait "${plugin[@]}" --for=condition=Ready pod --timeout=10s
+wait_for "the kubelet registered the driver (CSINode zq-node, topology key)" 300 \
+	bash -c '[[ $(kubectl get csinode zq-node -o jsonpath="{.spec.drivers[?(@.name==\"zq-csi.io\")].topologyKeys}") == *topology.zq-csi.io/node* ]]'
+wait_for "CSIStorageCapacity for the class on the node" 300 \
+	bash -c '[[ -n $(kubectl -n zq-csi get csistoragecapacities -o jsonpath="{.items[?(@.storageClassName==\"zq-csi\")].capacity}") ]]'
+# The liveness probe is an exec probe: the kubelet runs zq-csi probe in the
+# plugin's container, as kubectl exec does.
+plugin_pod=$(kubectl get pod "${plugin[@]}" -o name)
+if out=$(kubectl -n zq-csi exec "$plugin_pod" -c zq-csi -- /usr/local/bin/zq-csi probe --endpoint=unix:///csi/csi.sock --timeout=3s 2>&1); then
+	ok "zq-csi probe in the plugin's container (the liveness probe's command): $out"
+else
+	not_ok "zq-csi probe in the plugin's container: $out"
+fi
+# capacity: the class's CSIStorageCapacity on the node, in bytes (the pool's
+# free space, polled by csi-provisioner every 10s)
+capacity() {
+	local q
+	q=$(kubectl -n zq-csi get csistoragecapacities -o jsonpath='{.items[?(@.storageClassName=="zq-csi")].capacity}')
+	case $q in
+	*Ki) echo $((${q%Ki} << 10)) ;;
+	*Mi) echo $((${q%Mi} << 20)) ;;
+	*Gi) echo $((${q%Gi} << 30)) ;;
+	*k) echo $((${q%k} * 1000)) ;;
+	*M) echo $((${q%M} * 1000000)) ;;
+	*G) echo $((${q%G} * 1000000000)) ;;
+	*) echo "$q" ;;
+	esac
+}
+export -f capacity # for wait_for's bash -c
+capacity_before=$(capacity)
+
 kubectl -n zq-test apply -f - >/dev/null <<'EOF'
 apiVersion: v1
 kind: PersistentVolumeClaim
@@ -275,7 +308,7 @@ spec:
   storageClassName: zq-csi
   volumeMode: Block
   accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 256Mi}}
+  resources: {requests: {storage: 512Mi}}
 ---
 apiVersion: v1
 kind: Pod
@@ -283,23 +316,72 @@ metadata: {name: zones}
 spec:
   containers:
     - name: zq
-      image: zq-csi.local/zq-csi:dev
+      image: zq-csi.local/workload:1
       imagePullPolicy: Never
-      command: [/usr/sbin/blkzone, report, /dev/zoned]
+      command:
+        - /bin/sh
+        - -c
+        - |
+          set -e
+          q=/sys/block/zoned/queue
+          echo "queue zoned=$(/bin/busybox cat $q/zoned) chunk_sectors=$(/bin/busybox cat $q/chunk_sectors)" \
+            "max_open=$(/bin/busybox cat $q/max_open_zones) max_active=$(/bin/busybox cat $q/max_active_zones)" \
+            "append=$(/bin/busybox cat $q/zone_append_max_bytes) scheduler=$(/bin/busybox cat $q/scheduler)"
+          echo "--- blkzone"; blkzone report /dev/zoned
+          echo "--- zbd"; zbd report -i /dev/zoned
+          echo "--- fio"
+          fio --name=verify --filename=/dev/zoned --zonemode=zbd --direct=1 --ioengine=psync --rw=write --bs=64k \
+            --offset=64M --size=192M --max_open_zones=3 --verify=crc32c --do_verify=1
       volumeDevices: [{name: zoned, devicePath: /dev/zoned}]
   volumes: [{name: zoned, persistentVolumeClaim: {claimName: zoned}}]
   restartPolicy: Never
 EOF
-wait_for "a pod with a zq-csi PVC ran" 600 bash -c '[[ $(kubectl -n zq-test get pod zones -o jsonpath={.status.phase}) =~ ^(Succeeded|Failed)$ ]]'
-report=$(kubectl -n zq-test logs zones 2>&1 || true)
-zones=$(grep -c 'start: ' <<<"$report" || true)
-if [[ $zones == 4 && $report == *"type: 1(CONVENTIONAL)"* && $report == *"type: 2(SEQ_WRITE_REQUIRED)"* ]]; then
-	ok "the pod saw a host-managed zoned disk: 4 zones of 64 MiB, the first conventional"
+wait_for "a pod with a zq-csi PVC ran" 900 bash -c '[[ $(kubectl -n zq-test get pod zones -o jsonpath={.status.phase}) =~ ^(Succeeded|Failed)$ ]]'
+out=$(kubectl -n zq-test logs zones 2>&1 || true)
+echo "$out" >"$work/logs/zones-pod.log"
+phase=$(kubectl -n zq-test get pod zones -o jsonpath={.status.phase})
+expect "the pod's script finished" Succeeded "$phase"
+blkzone=$(sed -n '/^--- blkzone/,/^--- zbd/p' <<<"$out")
+expect "blkzone report: 8 zones of 64 MiB (131072 sectors)" 8 "$(grep -c 'len 0x020000' <<<"$blkzone" || true)"
+expect "blkzone report: the first zone conventional, 7 sequential" "1 7" \
+	"$(grep -c 'CONVENTIONAL' <<<"$blkzone" || true) $(grep -c 'SEQ_WRITE_REQUIRED' <<<"$blkzone" || true)"
+expect "blkzone report: sequential zones have capacity 48 MiB (98304 sectors)" 7 "$(grep -c 'cap 0x018000.*SEQ_WRITE_REQUIRED' <<<"$blkzone" || true)"
+expect "the pod's sysfs under its own device name (/sys/block/zoned: NRI)" \
+	"queue zoned=host-managed chunk_sectors=131072 max_open=3 max_active=4 append=262144" \
+	"$(grep '^queue ' <<<"$out" | sed 's/ scheduler=.*//' || true)"
+expect "the class's queue.scheduler on the device, as the pod sees it" "[mq-deadline]" \
+	"$(grep '^queue ' <<<"$out" | grep -o '\[[a-z-]*\]' || true)"
+zbd=$(sed -n '/^--- zbd/,/^--- fio/p' <<<"$out")
+zbd_info="$(grep -o 'Zone model: [a-z-]*' <<<"$zbd" || true), $(grep -o 'Zones: [0-9]* zones' <<<"$zbd" || true)"
+zbd_info+=", open $(sed -n 's/.*open zones: *//p' <<<"$zbd"), active $(sed -n 's/.*active zones: *//p' <<<"$zbd")"
+zbd_info+=", $(grep -cE '^Zone [0-9]+: swr,' <<<"$zbd" || true) swr"
+expect "libzbd's zbd report -i under the pod's name /dev/zoned (not its kernel name)" \
+	"Zone model: host-managed, Zones: 8 zones, open 3, active 4, 7 swr" "$zbd_info"
+if [[ $out == *"err= 0"* && $out == *"verify"* ]]; then
+	ok "fio --zonemode=zbd --verify=crc32c in the pod: err= 0"
 else
-	not_ok "the pod's blkzone report ($zones zones): $report"
+	not_ok "fio in the pod: $(sed -n '/^--- fio/,$p' <<<"$out" | tail -n 20)"
 fi
 
-fi
+# fio wrote 192 MiB into the image: the pool has that much less free.
+wait_for "CSIStorageCapacity shrank by the 192 MiB fio wrote" 120 \
+	bash -c "(( \$(capacity) < $capacity_before - (128 << 20) ))"
+# Deleting the pod and the PVC removes the device, the image and the
+# node's record, and the capacity comes back.
+kubectl -n zq-test delete pod zones --wait=true --timeout=300s >/dev/null
+kubectl -n zq-test delete pvc zoned --wait=true --timeout=300s >/dev/null
+wait_for "the PV is gone" 300 bash -c '[[ -z $(kubectl get pv -o name) ]]'
+expect "no ublk device left on the node" "" "$(ls /dev | grep '^ublkb' || true)"
+expect "no image left in the pool" "" "$(ls /var/lib/zq-csi/pool 2>/dev/null || true)"
+expect "no staged-volume record left" "" "$(ls /var/lib/zq-csi/state/volumes 2>/dev/null || true)"
+wait_for "CSIStorageCapacity grew back (within 16 MiB of before)" 120 \
+	bash -c "(( \$(capacity) > $capacity_before - (16 << 20) ))"
+# The kubelet ran the exec liveness probe all along and never restarted the
+# plugin (under TCG, with fio running, a probe can time out now and then:
+# the chart allows 5 in a row).
+expect "the kubelet's liveness probe never restarted the plugin" 0 \
+	"$(kubectl get pod "${plugin[@]}" -o jsonpath='{.items[0].status.containerStatuses[?(@.name=="zq-csi")].restartCount}')"
+echo "# liveness probe failures (Unhealthy events): $(kubectl -n zq-csi get events --field-selector reason=Unhealthy -o name | wc -l)"
 
 if (($# > 0)); then
 	"$@"
