@@ -331,7 +331,7 @@ spec:
           echo "--- zbd"; zbd report -i /dev/zoned
           echo "--- fio"
           fio --name=verify --filename=/dev/zoned --zonemode=zbd --direct=1 --ioengine=psync --rw=write --bs=64k \
-            --offset=64M --size=192M --max_open_zones=3 --verify=crc32c --do_verify=1
+            --offset=64M --size=96M --max_open_zones=3 --verify=crc32c --do_verify=1
       volumeDevices: [{name: zoned, devicePath: /dev/zoned}]
   volumes: [{name: zoned, persistentVolumeClaim: {claimName: zoned}}]
   restartPolicy: Never
@@ -363,9 +363,9 @@ else
 	not_ok "fio in the pod: $(sed -n '/^--- fio/,$p' <<<"$out" | tail -n 20)"
 fi
 
-# fio wrote 192 MiB into the image: the pool has that much less free.
-wait_for "CSIStorageCapacity shrank by the 192 MiB fio wrote" 120 \
-	bash -c "(( \$(capacity) < $capacity_before - (128 << 20) ))"
+# fio wrote 96 MiB into the image: the pool has that much less free.
+wait_for "CSIStorageCapacity shrank by the 96 MiB fio wrote" 120 \
+	bash -c "(( \$(capacity) < $capacity_before - (64 << 20) ))"
 # Deleting the pod and the PVC removes the device, the image and the
 # node's record, and the capacity comes back.
 kubectl -n zq-test delete pod zones --wait=true --timeout=300s >/dev/null
