@@ -28,6 +28,14 @@ func TestSetScheduler(t *testing.T) {
 			t.Errorf("scheduler file %q, want it untouched", b)
 		}
 	})
+	t.Run("the scheduler the device has is not switched again", func(t *testing.T) {
+		if err := setScheduler(sysfs, "/dev/ublkb3", "none"); err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := os.ReadFile(file); string(b) != kernels {
+			t.Errorf("scheduler file %q, want it untouched", b)
+		}
+	})
 	t.Run("a name is written to the device's queue", func(t *testing.T) {
 		if err := setScheduler(sysfs, "/dev/ublkb3", "mq-deadline"); err != nil {
 			t.Fatal(err)
