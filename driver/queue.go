@@ -11,8 +11,8 @@ import (
 const sysfsRoot = "/sys"
 
 // setScheduler selects the I/O scheduler of block device dev (/dev/ublkb0)
-// by its sysfs name, unless it has it already; "" leaves the kernel's choice. The node does this, not
-// the pod: a container's sysfs is read-only.
+// by its sysfs name, unless it has it already; "" leaves the kernel's
+// choice. The node does this, not the pod: a container's sysfs is read-only.
 func setScheduler(sysfs, dev, name string) error {
 	if name == "" {
 		return nil

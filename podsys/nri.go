@@ -48,27 +48,37 @@ func (p *Plugin) CreateContainer(_ context.Context, pod *api.PodSandbox, c *api.
 	if len(devices) == 0 {
 		return nil, nil, nil
 	}
-	who := pod.GetNamespace() + "/" + pod.GetName() + "/" + c.GetName()
-	aliases, err := Aliases(p.Sysfs, devices)
-	if err == nil && len(aliases) == 0 {
+	dir, aliases, err := p.blockDir(c.GetId(), devices)
+	if err != nil {
+		who := pod.GetNamespace() + "/" + pod.GetName() + "/" + c.GetName()
+		p.Logf("container %s: its zoned devices will look unzoned to libzbd under their names in the container: %v", who, err)
 		return nil, nil, nil
 	}
-	var dir string
-	if err == nil {
-		dir, err = p.containerDir(c.GetId())
-	}
-	if err == nil {
-		os.RemoveAll(dir) // an earlier attempt's
-		err = Build(dir, p.Sysfs, aliases)
-	}
-	if err != nil {
-		p.Logf("container %s: its zoned devices will look unzoned to libzbd under their names in the container: %v", who, err)
+	if dir == "" {
 		return nil, nil, nil
 	}
 	a := &api.ContainerAdjustment{}
 	a.AddMount(&api.Mount{Destination: "/sys/block", Type: "bind", Source: dir, Options: []string{"bind", "ro"}})
-	p.Logf("container %s: /sys/block with aliases %v", who, aliases)
+	p.Logf("container %s/%s/%s: /sys/block with aliases %v", pod.GetNamespace(), pod.GetName(), c.GetName(), aliases)
 	return a, nil, nil
+}
+
+// blockDir builds the block directory of container id for its devices;
+// "" when none of them needs an alias.
+func (p *Plugin) blockDir(id string, devices []Device) (string, []Alias, error) {
+	aliases, err := Aliases(p.Sysfs, devices)
+	if err != nil || len(aliases) == 0 {
+		return "", nil, err
+	}
+	dir, err := p.containerDir(id)
+	if err != nil {
+		return "", nil, err
+	}
+	os.RemoveAll(dir) // an earlier attempt's
+	if err := Build(dir, p.Sysfs, aliases); err != nil {
+		return "", nil, err
+	}
+	return dir, aliases, nil
 }
 
 // Configure says the runtime took the plugin; the zero mask subscribes it
