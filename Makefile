@@ -31,7 +31,7 @@ E2E_ARGS ?=
 # (it runs under the race detector), `make interop` runs only them.
 INTEROP_TESTS := ^TestInterop
 
-.PHONY: all build deps test vet unit interop e2e lint bench fuzz crash crash-default demo tour deploy-check deploy-manifests image clean help
+.PHONY: all build deps test vet unit interop e2e e2e-k8s lint bench fuzz crash crash-default demo tour deploy-check deploy-manifests image clean help
 
 all: build
 
@@ -49,6 +49,7 @@ help:
 	@echo "make crash-default  the long power-cut, process-death and random-model tests, whole"
 	@echo "make interop  the interop tier alone"
 	@echo "make e2e      the VM tier alone ($(E2E_SCRIPT) $(E2E_ARGS))"
+	@echo "make e2e-k8s  a Kubernetes node in the VM harness: chart, PVCs in pods, restarts, Kubernetes' storage e2e suite"
 	@echo "make lint     gofmt, go vet, staticcheck $(STATICCHECK_VERSION)"
 	@echo "make bench    benchmarks with ratios to their peers (raw file, plain image, qemu-io, qemu-nbd), also in bench.txt"
 	@echo "make fuzz     every fuzz target for FUZZTIME=$(FUZZTIME)"
@@ -102,6 +103,13 @@ $(CSI_SANITY):
 
 e2e: build $(CSI_SANITY)
 	ZQ_CSI_BIN=$(CURDIR)/$(BIN) ZQ_CSI_SANITY_BIN=$(CURDIR)/$(CSI_SANITY) bash $(E2E_SCRIPT) $(E2E_ARGS)
+
+# A single-node Kubernetes in a VM harness guest (test/kube, README
+# "Kubernetes"): the chart installed, PVCs in pods, the plugin and the
+# kubelet restarted under I/O, every spec of Kubernetes' storage e2e suite
+# that applies to zq-csi.
+e2e-k8s:
+	bash test/kube/node-up.sh test/kube/restart.sh test/kube/storage-e2e.sh
 
 lint:
 	@unformatted=$$(gofmt -l .); \

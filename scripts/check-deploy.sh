@@ -148,11 +148,11 @@ if [ -s "$work/default.yaml" ]; then
 	has default "plugin serves all services for its node" '- --node-id=\$\(NODE_NAME\)$'
 	has default "kubelet dir with Bidirectional propagation" 'mountPropagation: Bidirectional$'
 	has default "metrics port" '- --metrics-address=0.0.0.0:9809$'
-	has default "the plugin registers itself with the kubelet" '- --kubelet-registration-path=/var/lib/kubelet/plugins/zq-csi.io/csi.sock$'
-	has default "the kubelet probes the plugin with zq-csi probe" 'command: \[/usr/local/bin/zq-csi, probe, '
+	has default "registrar sidecar" '- name: node-driver-registrar$'
+	has default "livenessprobe sidecar" '- name: liveness-probe$'
+	hasnot default "the plugin leaves registration to the sidecar" '- --registration-dir='
 	has default "the plugin gives renamed zoned devices a /sys/block entry through NRI" '- --nri-socket=/nri/nri.sock$'
 	has default "the NRI socket's directory from the host" '^            path: /var/run/nri$'
-	hasnot default "no registrar or livenessprobe sidecar" '- name: (node-driver-registrar|liveness-probe)$'
 	has default "default image is the appVersion" "image: ghcr.io/zq-csi/zq-csi:$(sed -n 's/^appVersion: "\(.*\)"/\1/p' "$CHART/Chart.yaml")$"
 fi
 if [ -s "$work/custom.yaml" ]; then
@@ -160,9 +160,9 @@ if [ -s "$work/custom.yaml" ]; then
 	has custom "nbd class" '^  attach: "nbd"$'
 	has custom "the I/O scheduler of a class" '^  queue.scheduler: "mq-deadline"$'
 	has custom "resizer sidecar" '- name: csi-resizer$'
-	has custom "registrar sidecar" '- name: node-driver-registrar$'
-	has custom "livenessprobe sidecar" '- name: liveness-probe$'
-	hasnot custom "the plugin leaves registration to the sidecar" '- --registration-dir='
+	has custom "the plugin registers itself with the kubelet" '- --kubelet-registration-path=/var/lib/k0s/kubelet/plugins/zoned.example.com/csi.sock$'
+	has custom "the kubelet probes the plugin with zq-csi probe" 'command: \[/usr/local/bin/zq-csi, probe, '
+	hasnot custom "no registrar or livenessprobe sidecar" '- name: (node-driver-registrar|liveness-probe)$'
 	hasnot custom "podSysfs.enabled false: no NRI" '(--nri-socket|path: /var/run/nri)'
 	has custom "modprobe init container" '^        - name: modprobe$'
 	has custom "metrics Service" '^  name: zq-custom-metrics$'

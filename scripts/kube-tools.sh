@@ -3,14 +3,15 @@
 # proxy, into a cache directory outside the repository, and reuses them when
 # they are there (a version is a directory: a new pin builds anew).
 #
-#   scripts/kube-tools.sh [helm|kubeconform|kube|node|provisioner|all]...   (default: all)
+#   scripts/kube-tools.sh [helm|kubeconform|kube|node|provisioner|e2e|all]...   (default: all)
 #
 # Prints nothing but progress on stderr; the binaries end up in
 #   $ZQ_TOOLS_DIR/bin/{helm,kubeconform,kube-apiserver,kubectl,etcd}
 # and, for `node` (a Kubernetes node in the VM harness; not part of `all`),
 #   $ZQ_TOOLS_DIR/bin/{kubelet,kube-controller-manager,kube-scheduler,
 #                      containerd,containerd-shim-runc-v2,ctr,runc}
-# and for `provisioner` (the chart's csi-provisioner) bin/csi-provisioner
+# for `provisioner` (the chart's csi-provisioner) bin/csi-provisioner, and
+# for `e2e` (Kubernetes' storage e2e suite, test/kube/e2esuite) bin/e2e.test
 # (symlinks into the versioned directories). ZQ_TOOLS_DIR defaults to
 # ${XDG_CACHE_HOME:-$HOME/.cache}/zq-csi-tools. runc needs cgo and Debian's
 # libseccomp-dev and pkg-config.
@@ -24,6 +25,7 @@
 # go.etcd.io/etcd/server/v3/etcdmain, at the version kubernetes itself pins.
 # Cold: about 6 minutes on 2 cores (the apiserver is most of it); warm: none.
 set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
 export PATH="$PATH:/usr/local/go/bin"
 
 HELM_VERSION=${HELM_VERSION:-v3.22.0}
@@ -221,6 +223,31 @@ node_tool() {
 	link runc "$rdir/runc"
 }
 
+# e2e_tool: Kubernetes' storage e2e suite (e2e.test) from test/kube/e2esuite,
+# built in kube_tool's wrapper module (same module graph and flags: the
+# packages the Kubernetes binaries share with it come from the build
+# cache). The binary is kept per hash of that source.
+e2e_tool() {
+	kube_tool
+	local dir=$TOOLS/kube-$KUBE_VERSION src=$root/test/kube/e2esuite sum
+	sum=$(sha256sum <"$src/e2e_test.go" | cut -c1-12)
+	local out=$dir/e2e-$sum
+	if [ ! -x "$out/e2e.test" ]; then
+		(
+			cd "$dir/module"
+			export GOFLAGS=-mod=mod CGO_ENABLED=0
+			mkdir -p e2esuite
+			cp "$src/e2e_test.go" e2esuite/
+			go mod tidy
+			mkdir -p "$out.tmp"
+			building "e2e.test (k8s.io/kubernetes/test/e2e, storage suites) $KUBE_VERSION" go test -c -trimpath \
+				-ldflags="$(kube_ldflags)" -o "$out.tmp/e2e.test" ./e2esuite
+		)
+		rm -rf "$out" && mv "$out.tmp" "$out"
+	fi
+	link e2e.test "$out/e2e.test"
+}
+
 # provisioner_tool: the chart's csi-provisioner.
 provisioner_tool() {
 	# external-provisioner's go.mod pins k8s.io modules with replace lines,
@@ -271,6 +298,10 @@ for t in "$@"; do
 		[ -x "$TOOLS/runc-$RUNC_VERSION/runc" ] || steps=$((steps + 1))
 		;;
 	provisioner) [ -x "$TOOLS/csi-provisioner-$PROVISIONER_VERSION/csi-provisioner" ] || steps=$((steps + 1)) ;;
+	e2e)
+		[ -x "$TOOLS/kube-$KUBE_VERSION/bin/etcd" ] || steps=$((steps + 2))
+		ls "$TOOLS/kube-$KUBE_VERSION"/e2e-*/e2e.test >/dev/null 2>&1 || steps=$((steps + 1))
+		;;
 	all)
 		[ -x "$TOOLS/helm-$HELM_VERSION/helm" ] || steps=$((steps + 1))
 		[ -x "$TOOLS/kubeconform-$KUBECONFORM_VERSION/kubeconform" ] || steps=$((steps + 1))
@@ -285,7 +316,8 @@ for t in "$@"; do
 	kube) kube_tool ;;
 	node) node_tool ;;
 	provisioner) provisioner_tool ;;
+	e2e) e2e_tool ;;
 	all) helm_tool; kubeconform_tool; kube_tool ;;
-	*) echo "usage: $0 [helm|kubeconform|kube|node|provisioner|all]..." >&2; exit 2 ;;
+	*) echo "usage: $0 [helm|kubeconform|kube|node|provisioner|e2e|all]..." >&2; exit 2 ;;
 	esac
 done

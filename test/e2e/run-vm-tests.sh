@@ -16,9 +16,8 @@
 #      zq-csi ublk device against a zoned null_blk of the same geometry, via
 #      fio-zbd.sh (one "ok"/"not ok" per geometry, counted here), and its
 #      negative control: a zq-csi image with a deliberately lower open-zone
-#      limit than null_blk's must fail test 13 of the suite, and only that;
-#   5. a single-node Kubernetes (kubelet, containerd, runc) running a pod of
-#      an image built offline, via test/kube/node-up.sh.
+#      limit than null_blk's must fail test 13 of the suite, and only that.
+# (A Kubernetes node in the VM harness is a tier of its own: make e2e-k8s.)
 # Prints "ok"/"not ok" per check and ends with "N passed, N failed"; exits 1
 # if anything failed. Each step boots its own guest (about 10 s each).
 set -euo pipefail
@@ -197,14 +196,6 @@ expect "fio-zbd.sh exit status with a wrong limit" 1 "$rc"
 got=$(grep -c '^not ok - fio t/zbd G2 .*null_blk 1 pass/0 fail/0 skip, zq-csi 0 pass/1 fail/0 skip.*ZQ-CSI FAILURES: 13(FAIL)' "$SCRATCH/out" || true)
 expect "fio-zbd.sh reports zq-csi failing test 13 and nothing else" 1 "$got"
 [[ $got == 1 ]] || sed 's/^/  /' "$SCRATCH/out"
-
-# ---- 5. a Kubernetes node: the chart, a PVC in a pod -----------------------
-# test/kube/node-up.sh boots its own guest (6 GiB) with a single-node
-# cluster built from the Go module proxy and images made offline, installs
-# the chart and runs a pod on a zq-csi PVC; each of its "ok"/"not ok" lines
-# is a check here.
-echo "# a Kubernetes node in a guest (test/kube/node-up.sh)"
-checks node-up.sh "kube node: " "$REPO_DIR/test/kube/node-up.sh"
 
 echo "# total $(elapsed "$T0")s"
 echo "$PASS passed, $FAIL failed"

@@ -7,14 +7,21 @@
 # no NIC: the node's address is on a dummy interface and the pods' on a CNI
 # bridge, both reachable only inside the guest.
 #
-#   test/kube/node-up.sh [CMD...]   bring the node up, check that a pod runs,
-#                                   install the chart, run a pod with a zq-csi
-#                                   PVC, then run CMD in the guest (KUBECONFIG set)
+#   test/kube/node-up.sh [CHECKS.sh...]   bring the node up, check that a pod
+#                                         runs, install the chart, run a pod
+#                                         with a zq-csi PVC, then source each
+#                                         CHECKS.sh in the guest
 #
-# Prints "ok"/"not ok" per check and the plain line "N passed, N failed";
-# exits 1 if any failed. Needs 6 GiB for the guest (ZQ_VM_MEM); under TCG
-# about 5 minutes once the tools are built (the first run builds them:
-# scripts/kube-tools.sh node provisioner, ~8 minutes on top of
+# A CHECKS.sh (restart.sh, storage-e2e.sh) runs with this script's helpers
+# and variables (ok, not_ok, expect, wait_for, capacity; KUBECONFIG, $work,
+# $root), so its checks count in the same total. Prints "ok"/"not ok" per
+# check and the plain line "N passed, N failed"; exits 1 if any failed.
+# ZQ_KUBE_LOGS=DIR keeps a copy of the guest's logs (the components', the
+# pods', the e2e suite's report and its list of skipped specs) in DIR.
+# Needs 6 GiB for the guest (ZQ_VM_MEM); under TCG on 2 cores the node and
+# the chart's checks take about 3 minutes, restart.sh 3 and storage-e2e.sh
+# 5, once the tools are built (the first run builds them:
+# scripts/kube-tools.sh node provisioner e2e, about 8 minutes on top of
 # deploy-check's kube-apiserver build).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -26,12 +33,35 @@ if [[ ${1:-} != --guest ]]; then
 	# zbd-utils, fio and busybox-static go into the workload image.
 	ZQ_EXTRA_PKGS="libseccomp-dev pkg-config containernetworking-plugins iproute2 openssl zbd-utils busybox-static" \
 		bash "$root/scripts/deps.sh"
-	bash "$root/scripts/kube-tools.sh" node provisioner
+	bash "$root/scripts/kube-tools.sh" node provisioner e2e
 	work=$(mktemp -d /var/tmp/zq-kube.XXXXXX)
 	trap 'rm -rf "$work"' EXIT
 	(cd "$root" && go build -o "$work/zq-csi" ./cmd/zq-csi)
-	(cd "$root/test/kube" && go build -o "$work/ocibuild" ./ocibuild && CGO_ENABLED=0 go build -o "$work/pause" ./pause)
-	"$work/ocibuild" --tag zq-csi.local/pause:1 --out "$work/pause.tar" --entrypoint /pause --add "$work/pause=/pause"
+	(cd "$root/test/kube" && go build -o "$work/ocibuild" ./ocibuild && go build -o "$work/bin/e2ereport" ./e2ereport &&
+		CGO_ENABLED=0 go build -o "$work/pause" ./pause)
+	# The e2e suite's pods name their images (e2e.test --list-images); no
+	# registry is reachable, so stand-ins carry those names: our pause,
+	# busybox (Debian's static one, with its applets), and for
+	# glibc-dns-testing, in which the storage suites run shell commands and
+	# GNU dd (oflag=nocache), the same busybox with Debian's dd, sha256sum
+	# and base64 ahead of it in PATH and dash as /bin/sh (busybox's sh runs
+	# its own applets before PATH's).
+	"$TOOLS/bin/e2e.test" --list-images >"$work/e2e-images"
+	# e2e_tags NAME...: --tag for every image of those names, any version
+	e2e_tags() { local n; for n; do grep "/$n:" "$work/e2e-images" | sed 's/^/--tag=/'; done; }
+	# shellcheck disable=SC2046 # one word per tag
+	"$work/ocibuild" --tag zq-csi.local/pause:1 $(e2e_tags pause) --out "$work/pause.tar" \
+		--entrypoint /pause --add "$work/pause=/pause"
+	mkdir -p "$work/busybox/bin" "$work/busybox/tmp" && chmod 1777 "$work/busybox/tmp"
+	cp /bin/busybox "$work/busybox/bin/"
+	for a in $(/bin/busybox --list); do [ -e "$work/busybox/bin/$a" ] || ln -s busybox "$work/busybox/bin/$a"; done
+	# shellcheck disable=SC2046
+	"$work/ocibuild" $(e2e_tags busybox) --out "$work/e2e-busybox.tar" \
+		--add "$work/busybox/bin=/bin" --add "$work/busybox/tmp=/tmp" --cmd sh
+	# shellcheck disable=SC2046
+	"$work/ocibuild" $(e2e_tags glibc-dns-testing) --out "$work/e2e-glibc.tar" \
+		--add "$work/busybox/bin=/bin" --add /usr/bin/dash=/bin/sh --add "$work/busybox/tmp=/tmp" --cmd sh \
+		--bin /usr/bin/dd --bin /usr/bin/sha256sum --bin /usr/bin/base64
 	"$work/ocibuild" --tag zq-csi.local/zq-csi:dev --out "$work/zq-csi.tar" --entrypoint /usr/local/bin/zq-csi \
 		--add "$work/zq-csi=/usr/local/bin/zq-csi" --bin /usr/bin/mount --bin /usr/bin/umount --bin /usr/sbin/blkzone
 	"$work/ocibuild" --tag zq-csi.local/csi-provisioner:dev --out "$work/csi-provisioner.tar" --entrypoint /csi-provisioner \
@@ -40,7 +70,12 @@ if [[ ${1:-} != --guest ]]; then
 	# zbd, and a shell
 	"$work/ocibuild" --tag zq-csi.local/workload:1 --out "$work/workload.tar" --entrypoint /bin/sh \
 		--add /bin/busybox=/bin/sh --add /bin/busybox=/bin/busybox --bin /usr/bin/fio --bin /usr/sbin/blkzone --bin /usr/bin/zbd
-	ZQ_VM_MEM=${ZQ_VM_MEM:-6144} ZQ_VM_TIMEOUT=${ZQ_VM_TIMEOUT:-2400} ZQ_VM_SHARES="$work" ZQ_KUBE_WORK="$work" \
+	shares=$work
+	if [[ -n ${ZQ_KUBE_LOGS:-} ]]; then
+		mkdir -p "$ZQ_KUBE_LOGS" && ZQ_KUBE_LOGS=$(cd "$ZQ_KUBE_LOGS" && pwd) && shares+=:$ZQ_KUBE_LOGS
+		export ZQ_KUBE_LOGS
+	fi
+	ZQ_VM_MEM=${ZQ_VM_MEM:-6144} ZQ_VM_TIMEOUT=${ZQ_VM_TIMEOUT:-3600} ZQ_VM_SHARES="$shares" ZQ_KUBE_WORK="$work" \
 		ZQ_TOOLS_DIR="$TOOLS" "$root/test/e2e/vm.sh" -- "$0" --guest "$@"
 	exit
 fi
@@ -48,7 +83,7 @@ shift
 
 # ---- in the guest ------------------------------------------------------------
 BIN=$TOOLS/bin
-export PATH=$BIN:$PATH
+export PATH=$BIN:$ZQ_KUBE_WORK/bin:$PATH
 img=$ZQ_KUBE_WORK
 work=/tmp/kube
 mkdir -p "$work"
@@ -60,7 +95,14 @@ mkdir -p "$work"/{pki,etcd,manifests,cni,containerd,kubelet,logs}
 . "$root/test/e2e/tap.sh"
 pids=()
 finish() {
-	echo "# logs: $work/logs (in the guest)"
+	local rc=$?
+	# a command that failed outside any check (set -e) fails the run too
+	((rc == 0 || FAIL > 0)) || not_ok "node-up.sh stopped at a failed command (status $rc; its output is above)"
+	if [[ -n ${ZQ_KUBE_LOGS:-} ]]; then
+		cp -r "$work/logs/." "$ZQ_KUBE_LOGS/" && echo "# logs: $work/logs, copied to $ZQ_KUBE_LOGS"
+	else
+		echo "# logs: $work/logs (in the guest; ZQ_KUBE_LOGS=DIR keeps a copy)"
+	fi
 	if ((FAIL > 0)) && [[ -n ${KUBECONFIG:-} ]]; then
 		{
 			echo "# --- the cluster's objects and events"
@@ -208,10 +250,17 @@ localStorageCapacityIsolation: false
 evictionHard: {memory.available: "1Mi", nodefs.available: "1%", imagefs.available: "1%"}
 resolvConf: ""
 EOF
-kubelet --config "$work/kubelet.yaml" --kubeconfig "$KUBECONFIG" --root-dir "$work/kubelet" \
-	--hostname-override zq-node --node-ip "$node_ip" >"$work/logs/kubelet.log" 2>&1 &
-pids+=($!)
-wait_for "node zq-node Ready" 600 bash -c '[[ $(kubectl get node zq-node -o jsonpath="{.status.conditions[?(@.type==\"Ready\")].status}") == True ]]'
+# start_kubelet: run the kubelet in the background, its pid in $kubelet_pid
+# (restart.sh restarts it).
+start_kubelet() {
+	kubelet --config "$work/kubelet.yaml" --kubeconfig "$KUBECONFIG" --root-dir "$work/kubelet" \
+		--hostname-override zq-node --node-ip "$node_ip" >>"$work/logs/kubelet.log" 2>&1 &
+	kubelet_pid=$!
+	pids+=("$kubelet_pid")
+}
+node_ready() { [[ $(kubectl get node zq-node -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}') == True ]]; }
+start_kubelet
+wait_for "node zq-node Ready" 600 node_ready
 
 # ---- a pod -------------------------------------------------------------------
 kubectl create namespace zq-test >/dev/null
@@ -246,7 +295,12 @@ fi
 cat >"$work/values.yaml" <<EOF
 kubeletDir: $work/kubelet
 image: {repository: zq-csi.local/zq-csi, tag: dev, pullPolicy: Never}
+# node-driver-registrar and livenessprobe are not on the Go module proxy:
+# the plugin registers itself and answers an exec probe instead (the
+# chart's options for a node without those images).
 sidecars:
+  nodeDriverRegistrar: {enabled: false}
+  livenessProbe: {enabled: false}
   provisioner:
     image: {repository: zq-csi.local/csi-provisioner, tag: dev, pullPolicy: Never}
     capacityPollInterval: 10s
@@ -259,6 +313,19 @@ storageClasses:
     zone: {size: 64Mi, capacity: 48Mi, conventionalZones: 1, maxOpenZones: 3, maxActiveZones: 4, maxAppendBytes: 256Ki}
     clusterSize: null
     scheduler: mq-deadline
+    extraParameters: {}
+    labels: {}
+    annotations: {}
+  # Kubernetes' storage e2e suite's class (e2e-driver.yaml): a conventional
+  # first zone, since the suite rewrites the start of a volume
+  - name: zq-csi-e2e
+    default: false
+    reclaimPolicy: Delete
+    allowVolumeExpansion: null
+    attach: ublk
+    zone: {size: 32Mi, capacity: null, conventionalZones: 1, maxOpenZones: null, maxActiveZones: null, maxAppendBytes: null}
+    clusterSize: null
+    scheduler: null
     extraParameters: {}
     labels: {}
     annotations: {}
@@ -300,16 +367,13 @@ capacity() {
 export -f capacity # for wait_for's bash -c
 capacity_before=$(capacity)
 
-kubectl -n zq-test apply -f - >/dev/null <<'EOF'
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: zoned}
-spec:
-  storageClassName: zq-csi
-  volumeMode: Block
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 512Mi}}
----
+# claim NAME: a Block claim of 512Mi in the class zq-csi, as YAML
+claim() {
+	printf '%s\n' "apiVersion: v1" "kind: PersistentVolumeClaim" "metadata: {name: $1}" "spec:" \
+		"  storageClassName: zq-csi" "  volumeMode: Block" "  accessModes: [ReadWriteOnce]" \
+		"  resources: {requests: {storage: 512Mi}}" "---"
+}
+{ claim zoned && cat; } <<'EOF' | kubectl -n zq-test apply -f - >/dev/null
 apiVersion: v1
 kind: Pod
 metadata: {name: zones}
@@ -331,7 +395,7 @@ spec:
           echo "--- zbd"; zbd report -i /dev/zoned
           echo "--- fio"
           fio --name=verify --filename=/dev/zoned --zonemode=zbd --direct=1 --ioengine=psync --rw=write --bs=64k \
-            --offset=64M --size=96M --max_open_zones=3 --verify=crc32c --do_verify=1
+            --offset=64M --size=64M --max_open_zones=3 --verify=crc32c --do_verify=1
       volumeDevices: [{name: zoned, devicePath: /dev/zoned}]
   volumes: [{name: zoned, persistentVolumeClaim: {claimName: zoned}}]
   restartPolicy: Never
@@ -363,19 +427,34 @@ else
 	not_ok "fio in the pod: $(sed -n '/^--- fio/,$p' <<<"$out" | tail -n 20)"
 fi
 
-# fio wrote 96 MiB into the image: the pool has that much less free.
-wait_for "CSIStorageCapacity shrank by the 96 MiB fio wrote" 120 \
-	bash -c "(( \$(capacity) < $capacity_before - (64 << 20) ))"
-# Deleting the pod and the PVC removes the device, the image and the
-# node's record, and the capacity comes back.
-kubectl -n zq-test delete pod zones --wait=true --timeout=300s >/dev/null
-kubectl -n zq-test delete pvc zoned --wait=true --timeout=300s >/dev/null
-wait_for "the PV is gone" 300 bash -c '[[ -z $(kubectl get pv -o name) ]]'
-expect "no ublk device left on the node" "" "$(ls /dev | grep '^ublkb' || true)"
-expect "no image left in the pool" "" "$(ls /var/lib/zq-csi/pool 2>/dev/null || true)"
-expect "no staged-volume record left" "" "$(ls /var/lib/zq-csi/state/volumes 2>/dev/null || true)"
-wait_for "CSIStorageCapacity grew back (within 16 MiB of before)" 120 \
-	bash -c "(( \$(capacity) > $capacity_before - (16 << 20) ))"
+# fio filled zone 1 (48 MiB, its capacity) and the image holds that: the
+# pool has that much less free, and the class's CSIStorageCapacity says so
+# within a poll or two.
+image_bytes=$(du -cB1 /var/lib/zq-csi/pool | tail -n 1 | cut -f1)
+for ((i = 0; i < 60; i++)); do
+	shrink=$((capacity_before - $(capacity)))
+	((shrink < image_bytes - (16 << 20))) || break
+	sleep 2
+done
+if ((image_bytes >= 48 << 20 && shrink >= image_bytes - (16 << 20))); then
+	ok "CSIStorageCapacity shrank by what the image holds: $((shrink >> 20)) MiB, image $((image_bytes >> 20)) MiB"
+else
+	not_ok "CSIStorageCapacity shrank by $((shrink >> 20)) MiB, the image holds $((image_bytes >> 20)) MiB (want 48 or more, and a shrink within 16 of it)"
+fi
+# delete_volume POD PVC: delete the pod and its claim (the only one in the
+# cluster); the device, the image and the node's record go, and the
+# capacity comes back to $capacity_before.
+delete_volume() {
+	kubectl -n zq-test delete pod "$1" --wait=true --timeout=300s >/dev/null
+	kubectl -n zq-test delete pvc "$2" --wait=true --timeout=300s >/dev/null
+	wait_for "$2: the PV is gone" 300 bash -c '[[ -z $(kubectl get pv -o name) ]]'
+	expect "$2: no ublk device left on the node" "" "$(ls /dev | grep '^ublkb' || true)"
+	expect "$2: no image left in the pool" "" "$(ls /var/lib/zq-csi/pool 2>/dev/null || true)"
+	expect "$2: no staged-volume record left" "" "$(ls /var/lib/zq-csi/state/volumes 2>/dev/null || true)"
+	wait_for "$2: CSIStorageCapacity grew back (within 16 MiB of before)" 120 \
+		bash -c "(( \$(capacity) > $capacity_before - (16 << 20) ))"
+}
+delete_volume zones zoned
 # The kubelet ran the exec liveness probe all along and never restarted the
 # plugin (under TCG, with fio running, a probe can time out now and then:
 # the chart allows 5 in a row).
@@ -383,6 +462,7 @@ expect "the kubelet's liveness probe never restarted the plugin" 0 \
 	"$(kubectl get pod "${plugin[@]}" -o jsonpath='{.items[0].status.containerStatuses[?(@.name=="zq-csi")].restartCount}')"
 echo "# liveness probe failures (Unhealthy events): $(kubectl -n zq-csi get events --field-selector reason=Unhealthy -o name | wc -l)"
 
-if (($# > 0)); then
-	"$@"
-fi
+for checks in "$@"; do
+	# shellcheck source=/dev/null
+	. "$checks"
+done

@@ -9,7 +9,9 @@
 //	    --add bin/zq-csi=/usr/local/bin/zq-csi --bin /usr/bin/mount --bin /usr/sbin/blkzone
 //
 // --add HOST=IMAGE copies a file or directory to IMAGE; --bin PATH copies a
-// binary to the same path with its libraries. Both repeat.
+// binary to the same path with its libraries. Both repeat, and so does
+// --tag: one image under several names (a stand-in for images the
+// Kubernetes e2e suite names).
 package main
 
 import (
@@ -40,28 +42,32 @@ func (l *list) String() string     { return strings.Join(*l, ",") }
 func (l *list) Set(v string) error { *l = append(*l, v); return nil }
 
 func main() {
-	var adds, bins, cmd list
-	tag := flag.String("tag", "", "the image's name and tag (required)")
+	var tags, adds, bins, cmd list
+	flag.Var(&tags, "tag", "a name and tag of the image (required; repeats)")
 	out := flag.String("out", "", "the image tarball to write (required)")
 	entrypoint := flag.String("entrypoint", "", "the entrypoint, a path in the image")
 	flag.Var(&adds, "add", "HOST=IMAGE: a file or directory (repeats)")
 	flag.Var(&bins, "bin", "a binary and its shared libraries, at the same path (repeats)")
 	flag.Var(&cmd, "cmd", "an argument of the image's default command (repeats)")
 	flag.Parse()
-	if *tag == "" || *out == "" || flag.NArg() != 0 {
+	if len(tags) == 0 || *out == "" || flag.NArg() != 0 {
 		fmt.Fprintln(os.Stderr, "usage: ocibuild --tag NAME:TAG --out FILE [--entrypoint PATH] [--cmd ARG]... [--add HOST=IMAGE]... [--bin PATH]...")
 		os.Exit(2)
 	}
-	if err := build(*tag, *out, *entrypoint, adds, bins, cmd); err != nil {
+	if err := build(tags, *out, *entrypoint, adds, bins, cmd); err != nil {
 		fmt.Fprintln(os.Stderr, "ocibuild:", err)
 		os.Exit(1)
 	}
 }
 
-func build(tag, out, entrypoint string, adds, bins, cmd []string) error {
-	ref, err := name.NewTag(tag)
-	if err != nil {
-		return fmt.Errorf("--tag %q: %w", tag, err)
+func build(tags []string, out, entrypoint string, adds, bins, cmd []string) error {
+	refs := make([]name.Tag, len(tags))
+	for i, t := range tags {
+		ref, err := name.NewTag(t)
+		if err != nil {
+			return fmt.Errorf("--tag %q: %w", t, err)
+		}
+		refs[i] = ref
 	}
 	files := map[string]string{} // image path -> host path
 	for _, a := range adds {
@@ -107,7 +113,11 @@ func build(tag, out, entrypoint string, adds, bins, cmd []string) error {
 	if img, err = mutate.ConfigFile(img, cf); err != nil {
 		return err
 	}
-	return tarball.WriteToFile(out, ref, img)
+	byTag := make(map[name.Reference]v1.Image, len(refs))
+	for _, ref := range refs {
+		byTag[ref] = img
+	}
+	return tarball.MultiRefWriteToFile(out, byTag)
 }
 
 // walk adds host (a file, or a directory and everything below it) at img.

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 )
 
@@ -30,7 +31,7 @@ func TestBuiltImageHoldsTheFilesAndTheirLibraries(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := filepath.Join(dir, "img.tar")
-	if err := build("zq-csi.local/test:1", out, bin, []string{conf + "=/etc/zq"}, []string{bin}, []string{"--version"}); err != nil {
+	if err := build([]string{"zq-csi.local/test:1", "registry.example/stand-in:2"}, out, bin, []string{conf + "=/etc/zq"}, []string{bin}, []string{"--version"}); err != nil {
 		t.Fatal(err)
 	}
 
@@ -38,6 +39,15 @@ func TestBuiltImageHoldsTheFilesAndTheirLibraries(t *testing.T) {
 	img, err := tarball.ImageFromPath(out, &tag)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// the second name is the same image
+	other, _ := name.NewTag("registry.example/stand-in:2")
+	img2, err := tarball.ImageFromPath(out, &other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d1, d2 := digest(t, img), digest(t, img2); d1 != d2 {
+		t.Fatalf("the two tags hold different images: %s, %s", d1, d2)
 	}
 	cf, err := img.ConfigFile()
 	if err != nil {
@@ -102,9 +112,18 @@ func TestRefusals(t *testing.T) {
 		{"an entrypoint the image lacks", "x/y:1", "/bin/nothing", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if err := build(tc.tag, out, tc.entry, tc.adds, nil, nil); err == nil {
+			if err := build([]string{tc.tag}, out, tc.entry, tc.adds, nil, nil); err == nil {
 				t.Fatal("built")
 			}
 		})
 	}
+}
+
+func digest(t *testing.T, img v1.Image) v1.Hash {
+	t.Helper()
+	d, err := img.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
 }
