@@ -28,7 +28,9 @@ spec:
   restartPolicy: Never
 YAML
 writer_phase() { kubectl -n zq-test get pod writer -o jsonpath='{.status.phase}'; }
-wait_for "restart: the fio pod running" 900 bash -c '[[ $(kubectl -n zq-test get pod writer -o jsonpath={.status.phase}) == Running ]]'
+writer_running() { [[ $(writer_phase) == Running ]]; }
+writer_done() { [[ $(writer_phase) =~ ^(Succeeded|Failed)$ ]]; }
+wait_for "restart: the fio pod running" 900 writer_running
 io_start=$SECONDS
 sleep 20
 
@@ -58,7 +60,7 @@ kubelet_back=$((SECONDS - t0))
 during=$((SECONDS - io_start))
 expect "restart: fio still running after the kubelet's restart" Running "$(writer_phase)"
 
-wait_for "restart: the fio pod finished" 1200 bash -c '[[ $(kubectl -n zq-test get pod writer -o jsonpath={.status.phase}) =~ ^(Succeeded|Failed)$ ]]'
+wait_for "restart: the fio pod finished" 1200 writer_done
 out=$(kubectl -n zq-test logs writer 2>&1 || true)
 echo "$out" >"$work/logs/restart-fio.log"
 expect "restart: fio exited 0" Succeeded "$(writer_phase)"
