@@ -71,6 +71,9 @@ if [[ ${1:-} != --guest ]]; then
 	"$work/ocibuild" --tag zq-csi.local/workload:1 --out "$work/workload.tar" --entrypoint /bin/sh \
 		--add /bin/busybox=/bin/sh --add /bin/busybox=/bin/busybox --bin /usr/bin/fio --bin /usr/sbin/blkzone --bin /usr/bin/zbd
 	shares=$work
+	# The guest mounts fresh tmpfs on /tmp, /var/tmp and /run: tools kept
+	# there (HOME=/tmp/...) reach it as a share of their own.
+	case $TOOLS/ in /tmp/* | /var/tmp/* | /run/*) shares+=:$TOOLS ;; esac
 	if [[ -n ${ZQ_KUBE_LOGS:-} ]]; then
 		mkdir -p "$ZQ_KUBE_LOGS" && ZQ_KUBE_LOGS=$(cd "$ZQ_KUBE_LOGS" && pwd) && shares+=:$ZQ_KUBE_LOGS
 		export ZQ_KUBE_LOGS
