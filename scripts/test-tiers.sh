@@ -17,8 +17,8 @@ all=(
 	"crash-default|power cuts, process deaths and random-model runs of image/ and zoned/, whole|~1 min"
 	"interop|qemu-img, qemu-io, qemu-nbd and libnbd against zq-csi|~15 s"
 	"deploy-check|Helm chart and manifests on a real kube-apiserver|~10 s warm; ~10 min cold (tools built once)"
-	"e2e|VM harness: ublk and nbd attach, zoned workloads, csi-sanity, fio's zoned suite|~12 min warm; ~14 min cold (kernel, csi-sanity)"
-	"e2e-k8s|a Kubernetes node in the VM harness: the chart, PVCs in pods, restarts, the storage e2e suite|~12 min warm; ~20 min cold (node tools, e2e.test)"
+	"e2e|VM harness: ublk and nbd attach, zoned workloads, csi-sanity, fio's zoned suite|~6-10 min; a minute or two more cold (kernel, csi-sanity)"
+	"e2e-k8s|a Kubernetes node in the VM harness: the chart, PVCs in pods, restarts, the storage e2e suite|~12 min warm; ~18 min cold (node tools, e2e.test)"
 )
 want=("$@")
 
@@ -34,8 +34,8 @@ if ((${#selected[@]} == 0)); then
 	exit 2
 fi
 
-echo "make test: ${#selected[@]} tier(s). Measured on 2 cores (README, Testing): all seven take about 30 minutes"
-echo "with warm caches on a quiet machine, and about 50 minutes cold (tools, kernel and modules"
+echo "make test: ${#selected[@]} tier(s). Measured on 2 cores (README, Testing): all seven take about 22 minutes"
+echo "with warm caches on a quiet machine, and about 34 minutes cold (tools, kernel and modules"
 echo "fetched and built)."
 names=() results=() times=()
 start_all=$SECONDS
