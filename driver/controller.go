@@ -31,17 +31,21 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
 }
 
-// checkCapabilities accepts block volumes with a single-node access mode;
-// the error says what is wrong with the others.
+// checkCapabilities accepts block volumes, and mounted volumes of a zoned
+// filesystem this driver formats, with a single-node access mode; the
+// error says what is wrong with the others. (Whether the volume's geometry
+// can hold the filesystem is checkFilesystems'.)
 func checkCapabilities(caps []*csi.VolumeCapability) error {
 	if len(caps) == 0 {
 		return errors.New("no volume capabilities")
 	}
 	for _, c := range caps {
-		if c.GetMount() != nil {
-			return errors.New("volumeMode Filesystem is not supported (yet): use volumeMode: Block, the volume is a zoned block device")
-		}
-		if c.GetBlock() == nil {
+		switch {
+		case c.GetMount() != nil:
+			if fs := c.GetMount().GetFsType(); !knownFilesystem(fs) {
+				return checkFilesystem("fs_type (csi.storage.k8s.io/fstype)", fs, zoned.Geometry{})
+			}
+		case c.GetBlock() == nil:
 			return errors.New("a volume capability without an access type")
 		}
 		switch m := c.GetAccessMode().GetMode(); m {
@@ -94,6 +98,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	case errors.Is(err, ErrOutOfRange):
 		return nil, statusf(codes.OutOfRange, "CreateVolume %s: %v", name, err)
 	case err != nil:
+		return nil, statusf(codes.InvalidArgument, "CreateVolume %s: %v", name, err)
+	}
+	if err := checkFilesystems(req.GetVolumeCapabilities(), params.FsType, g); err != nil {
 		return nil, statusf(codes.InvalidArgument, "CreateVolume %s: %v", name, err)
 	}
 	if !d.reachable(req.GetAccessibilityRequirements()) {
@@ -200,10 +207,18 @@ func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csi.Valida
 	if len(req.GetVolumeCapabilities()) == 0 {
 		return nil, statusf(codes.InvalidArgument, "ValidateVolumeCapabilities %s: no volume capabilities", id)
 	}
-	if _, err := d.meta(id); err != nil {
+	m, err := d.meta(id)
+	if err != nil {
 		return nil, err
 	}
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
+	}
+	params, g, err := m.geometry()
+	if err != nil {
+		return nil, statusf(codes.Internal, "ValidateVolumeCapabilities %s: %v", id, err)
+	}
+	if err := checkFilesystems(req.GetVolumeCapabilities(), params.FsType, g); err != nil {
 		return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
 	}
 	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{

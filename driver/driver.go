@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
+	utilexec "k8s.io/utils/exec"
 )
 
 // Modes: which services a plugin process runs.
@@ -49,9 +50,13 @@ type Config struct {
 	// Attacher attaches images to the kernel; nil means the real one
 	// (ublk and nbd).
 	Attacher Attacher
-	// Mounter bind-mounts devices at publish targets; nil means the
-	// system's (mount-utils).
+	// Mounter mounts filesystems at staging paths and bind-mounts devices
+	// and filesystems at publish targets; nil means the system's
+	// (mount-utils).
 	Mounter mount.Interface
+	// Exec runs blkid and mkfs for Filesystem volumes; nil means the
+	// system's.
+	Exec utilexec.Interface
 }
 
 // Driver is the CSI plugin.
@@ -106,8 +111,12 @@ func New(cfg Config) (*Driver, error) {
 		if cfg.Mounter == nil {
 			cfg.Mounter = mount.New("")
 		}
+		if cfg.Exec == nil {
+			cfg.Exec = utilexec.New()
+		}
 		d.cfg = cfg
-		n, err := newNodeState(cfg.StateDir, d.journalDir(), cfg.Attacher, cfg.Mounter)
+		n, err := newNodeState(cfg.StateDir, d.journalDir(), cfg.Attacher,
+			&mount.SafeFormatAndMount{Interface: cfg.Mounter, Exec: cfg.Exec})
 		if err != nil {
 			return nil, err
 		}

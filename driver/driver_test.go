@@ -181,7 +181,8 @@ func TestCreateVolumeRefusals(t *testing.T) {
 	}{
 		{"no name", &csi.CreateVolumeRequest{VolumeCapabilities: []*csi.VolumeCapability{blockCap}}, codes.InvalidArgument, "no name"},
 		{"no capabilities", &csi.CreateVolumeRequest{Name: "v"}, codes.InvalidArgument, "no volume capabilities"},
-		{"filesystem", &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: []*csi.VolumeCapability{mountCap}}, codes.InvalidArgument, "volumeMode Filesystem"},
+		{"btrfs on too few zones", &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: []*csi.VolumeCapability{mountCap},
+			Parameters: zoneParams, CapacityRange: &csi.CapacityRange{RequiredBytes: 20 << 20}}, codes.InvalidArgument, "btrfs needs at least 6 zones"},
 		{"multi-node", &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: []*csi.VolumeCapability{multiNode}}, codes.InvalidArgument, "MULTI_NODE_MULTI_WRITER"},
 		{"bad parameter", &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: []*csi.VolumeCapability{blockCap},
 			Parameters: map[string]string{"zone.size": "lots"}}, codes.InvalidArgument, "zone.size"},

@@ -66,34 +66,56 @@ func startPlugin(t *testing.T, bin, dir string) *plugin {
 }
 
 // TestKernelCSISanity runs the CSI conformance suite with block volumes and
-// zone parameters; every test must pass, and none may be skipped for lack
-// of a capability the plugin claims.
+// with Filesystem (mount) volumes, the default filesystem (btrfs), and zone
+// parameters; every test must pass, and none may be skipped for lack of a
+// capability the plugin claims.
 func TestKernelCSISanity(t *testing.T) {
 	sanity := os.Getenv("ZQ_CSI_SANITY_BIN")
 	if sanity == "" {
 		t.Fatal("ZQ_CSI_SANITY_BIN is not set (make e2e builds bin/csi-sanity)")
 	}
-	dir := t.TempDir()
-	p := startPlugin(t, vmtest.ZQCSI(t, "../cmd/zq-csi"), dir)
-	params := filepath.Join(dir, "params.yaml")
-	if err := os.WriteFile(params, []byte(`zone.size: 64Mi
+	for _, tc := range []struct {
+		accessType, params string
+	}{
+		{"block", `zone.size: 64Mi
 zone.conventional_zones: "1"
 zone.max_open_zones: "4"
 zone.max_active_zones: "6"
 zone.max_append_bytes: 256Ki
-`), 0o600); err != nil {
-		t.Fatal(err)
+`},
+		// 256 MiB in 16 MiB zones: room for btrfs's superblock log and
+		// block groups.
+		{"mount", `zone.size: 16Mi
+zone.max_open_zones: "8"
+zone.max_active_zones: "8"
+`},
+	} {
+		t.Run(tc.accessType, func(t *testing.T) {
+			dir := t.TempDir()
+			p := startPlugin(t, vmtest.ZQCSI(t, "../cmd/zq-csi"), dir)
+			params := filepath.Join(dir, "params.yaml")
+			if err := os.WriteFile(params, []byte(tc.params), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			// csi-sanity creates (and removes) the mount and staging directories.
+			cmd := exec.Command(sanity, "-csi.endpoint", p.endpoint,
+				"-csi.mountdir", filepath.Join(dir, "mnt"), "-csi.stagingdir", filepath.Join(dir, "stage"),
+				"-csi.testvolumeaccesstype", tc.accessType, "-csi.testvolumesize", fmt.Sprint(256<<20),
+				"-csi.testvolumeexpandsize", fmt.Sprint(512<<20), "-csi.testvolumeparameters", params,
+				"-ginkgo.v", "-ginkgo.no-color")
+			out, err := cmd.CombinedOutput()
+			checkSanity(t, string(out), err, p)
+		})
 	}
-	// csi-sanity creates (and removes) the mount and staging directories.
-	cmd := exec.Command(sanity, "-csi.endpoint", p.endpoint,
-		"-csi.mountdir", filepath.Join(dir, "mnt"), "-csi.stagingdir", filepath.Join(dir, "stage"),
-		"-csi.testvolumeaccesstype", "block", "-csi.testvolumesize", fmt.Sprint(256<<20),
-		"-csi.testvolumeexpandsize", fmt.Sprint(512<<20), "-csi.testvolumeparameters", params,
-		"-ginkgo.v", "-ginkgo.no-color")
-	out, err := cmd.CombinedOutput()
-	summary := regexp.MustCompile(`(\d+) Passed \| (\d+) Failed \| \d+ Pending \| (\d+) Skipped`).FindStringSubmatch(string(out))
+}
+
+// checkSanity fails the test unless csi-sanity's output says every test
+// passed or was skipped for a capability the plugin does not claim.
+func checkSanity(t *testing.T, out string, err error, p *plugin) {
+	t.Helper()
+	summary := regexp.MustCompile(`(\d+) Passed \| (\d+) Failed \| \d+ Pending \| (\d+) Skipped`).FindStringSubmatch(out)
 	if err != nil || summary == nil || summary[2] != "0" {
-		t.Fatalf("csi-sanity: %v\n%s\nplugin log:\n%s", err, tail(string(out), 200), tail(p.log.String(), 100))
+		t.Fatalf("csi-sanity: %v\n%s\nplugin log:\n%s", err, tail(out, 200), tail(p.log.String(), 100))
 	}
 	// Skips csi-sanity makes for capabilities this plugin does not claim.
 	// (ginkgo -v prints each skip's reason on a line of its own.)
@@ -103,7 +125,7 @@ zone.max_append_bytes: 256Ki
 		`ControllerPublishVolume|ControllerUnpublishVolume|Controller Publish, UnpublishVolume|ControllerModifyVolume|` +
 		`Modify Volume|Modify volume|NodeExpandVolume|GroupControllerService|` +
 		`ControllerGetVolumeHealth|ControllerListVolumeHealth|NodeGetVolumeHealth|NodeGetStorageHealth) not supported$`)
-	reasons := regexp.MustCompile(`(?m)^\s+\[SKIPPED\] ([^\[i\n][^\n]*)$`).FindAllStringSubmatch(string(out), -1)
+	reasons := regexp.MustCompile(`(?m)^\s+\[SKIPPED\] ([^\[i\n][^\n]*)$`).FindAllStringSubmatch(out, -1)
 	if fmt.Sprint(len(reasons)) != summary[3] {
 		t.Errorf("found %d skip reasons for %s skipped tests", len(reasons), summary[3])
 	}
@@ -213,5 +235,211 @@ func TestKernelPluginRestartUnderIO(t *testing.T) {
 	}
 	if _, err := ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// fsVolume is a Filesystem volume created, staged and published through
+// a plugin's CSI API.
+type fsVolume struct {
+	id, staging, target string
+	capability          *csi.VolumeCapability
+}
+
+func mountCapability(fstype string) *csi.VolumeCapability {
+	return &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: fstype, MountFlags: []string{"noatime"}}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+}
+
+func (v *fsVolume) stage(t *testing.T, node csi.NodeClient) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging, VolumeCapability: v.capability}); err != nil {
+		t.Fatalf("stage: %v", err)
+	}
+	if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging,
+		TargetPath: v.target, VolumeCapability: v.capability}); err != nil {
+		t.Fatalf("publish: %v", err)
+	}
+}
+
+func (v *fsVolume) unstage(t *testing.T, node csi.NodeClient) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target}); err != nil {
+		t.Fatalf("unpublish: %v", err)
+	}
+	if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging}); err != nil {
+		t.Fatalf("unstage: %v", err)
+	}
+}
+
+// TestKernelFilesystemVolumes: btrfs and f2fs volumes through the CSI API
+// on ublk devices: formatted in zoned mode at the first stage, mounted with
+// the capability's mount flags, bind-mounted at the target, reporting
+// filesystem bytes and inodes; a file written survives unstage and a second
+// stage (which must not reformat), and the filesystem's writes went into
+// sequential zones.
+func TestKernelFilesystemVolumes(t *testing.T) {
+	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
+	dir := t.TempDir()
+	p := startPlugin(t, bin, dir)
+	conn, err := grpc.NewClient(p.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx := context.Background()
+	ctl, node := csi.NewControllerClient(conn), csi.NewNodeClient(conn)
+	for _, tc := range []struct {
+		fstype string
+		params map[string]string
+		size   int64
+		mode   string // what the kernel says of the mounted filesystem
+	}{
+		{"btrfs", map[string]string{"zone.size": "16Mi", "zone.max_open_zones": "8", "zone.max_active_zones": "8"}, 512 << 20,
+			"zoned mode enabled with zone size 16777216"},
+		{"f2fs", map[string]string{"zone.size": "16Mi", "zone.conventional_zones": "3", "zone.max_open_zones": "8", "zone.max_active_zones": "8"}, 1 << 30,
+			""},
+	} {
+		t.Run(tc.fstype, func(t *testing.T) {
+			v := &fsVolume{capability: mountCapability(tc.fstype), staging: filepath.Join(dir, tc.fstype+"-staging"),
+				target: filepath.Join(dir, tc.fstype+"-pod", "mount")}
+			os.MkdirAll(filepath.Dir(v.target), 0o755)
+			cv, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-" + tc.fstype, Parameters: tc.params,
+				CapacityRange: &csi.CapacityRange{RequiredBytes: tc.size}, VolumeCapabilities: []*csi.VolumeCapability{v.capability}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			v.id = cv.Volume.VolumeId
+			dmesgBefore := vmtest.Run(t, "dmesg")
+			v.stage(t, node)
+			if got := strings.TrimSpace(vmtest.Run(t, "findmnt", "-n", "-o", "FSTYPE", v.target)); got != tc.fstype {
+				t.Fatalf("the target holds %q, want %s", got, tc.fstype)
+			}
+			if opts := vmtest.Run(t, "findmnt", "-n", "-o", "OPTIONS", v.staging); !strings.Contains(opts, "noatime") {
+				t.Errorf("staging mount options %q lack the capability's noatime", opts)
+			}
+			if tc.mode != "" && !strings.Contains(strings.TrimPrefix(vmtest.Run(t, "dmesg"), dmesgBefore), tc.mode) {
+				t.Errorf("the kernel did not say %q", tc.mode)
+			}
+			data := vmtest.Pattern(32<<20, 7)
+			if err := os.WriteFile(filepath.Join(v.target, "data"), data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			vmtest.Run(t, "sync", "-f", filepath.Join(v.target, "data"))
+			st, err := node.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: v.id, VolumePath: v.target})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var used, inodes *csi.VolumeUsage
+			for _, u := range st.Usage {
+				switch u.Unit {
+				case csi.VolumeUsage_BYTES:
+					used = u
+				case csi.VolumeUsage_INODES:
+					inodes = u
+				}
+			}
+			df := strings.Fields(vmtest.Run(t, "df", "-B1", "--output=size,used", v.target))
+			if used == nil || inodes == nil || fmt.Sprint(used.Total) != df[2] || fmt.Sprint(used.Used) != df[3] || used.Used < 32<<20 {
+				t.Fatalf("stats %v, df says size and used %v (after writing 32 MiB)", st.Usage, df[2:])
+			}
+			if st.VolumeCondition.Abnormal || !strings.Contains(st.VolumeCondition.Message, "sequential zones") {
+				t.Errorf("condition %+v", st.VolumeCondition)
+			}
+			// The filesystem wrote in zoned mode: sequential zones left empty.
+			dev := strings.TrimSpace(vmtest.Run(t, "findmnt", "-n", "-o", "SOURCE", v.staging))
+			report := vmtest.Run(t, "blkzone", "report", dev)
+			if seq, empty := strings.Count(report, "SEQ_WRITE_REQUIRED"), strings.Count(report, "(em)"); empty == seq {
+				t.Errorf("all %d sequential zones of %s empty after writing 32 MiB", seq, dev)
+			}
+			v.unstage(t, node)
+			v.stage(t, node)
+			if got, err := os.ReadFile(filepath.Join(v.target, "data")); err != nil || !bytes.Equal(got, data) {
+				t.Fatalf("the file written before unstaging: %v (or other contents) after staging again", err)
+			}
+			v.unstage(t, node)
+			if _, err := ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.id}); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	if n := strings.Count(p.log.String(), "formatting a new Filesystem volume"); n != 2 {
+		t.Errorf("the plugin formatted %d times for 2 volumes staged twice each", n)
+	}
+}
+
+// TestKernelF2FSConventionalZonesRule holds the controller's f2fs rule to
+// mkfs.f2fs: with the fewest conventional zones CreateVolume accepts for
+// f2fs, the stage formats and mounts; with two fewer, mkfs.f2fs -m itself
+// refuses the device for too few random-write zones (so the rule asks for
+// at most one zone more than f2fs needs).
+func TestKernelF2FSConventionalZonesRule(t *testing.T) {
+	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
+	dir := t.TempDir()
+	p := startPlugin(t, bin, dir)
+	conn, err := grpc.NewClient(p.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx := context.Background()
+	ctl, node := csi.NewControllerClient(conn), csi.NewNodeClient(conn)
+	blockCapability := &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+	for _, g := range []struct {
+		zoneSize string
+		size     int64
+	}{{"4Mi", 256 << 20}, {"16Mi", 1 << 30}, {"32Mi", 4 << 30}} {
+		t.Run(g.zoneSize, func(t *testing.T) {
+			create := func(name string, conventional int, c *csi.VolumeCapability) (string, error) {
+				r, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: g.size},
+					Parameters:         map[string]string{"zone.size": g.zoneSize, "zone.conventional_zones": fmt.Sprint(conventional)},
+					VolumeCapabilities: []*csi.VolumeCapability{c}})
+				if err != nil {
+					return "", err
+				}
+				t.Cleanup(func() { ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: r.Volume.VolumeId}) })
+				return r.Volume.VolumeId, nil
+			}
+			least := 1
+			for ; least < 16; least++ {
+				if _, err := create("probe", least, mountCapability("f2fs")); err == nil {
+					break
+				} else if !strings.Contains(err.Error(), "zone.conventional_zones") {
+					t.Fatalf("f2fs refused for another reason than its conventional zones: %v", err)
+				}
+			}
+			v := &fsVolume{id: "probe", capability: mountCapability("f2fs"), staging: filepath.Join(dir, g.zoneSize+"-staging"),
+				target: filepath.Join(dir, g.zoneSize+"-mount")}
+			v.stage(t, node)
+			v.unstage(t, node)
+			t.Logf("%s zones, %d MiB: the rule asks for %d conventional zones", g.zoneSize, g.size>>20, least)
+			if least < 3 {
+				return // nothing to try below
+			}
+			id, err := create("fewer", least-2, blockCapability)
+			if err != nil {
+				t.Fatal(err)
+			}
+			staging, target := filepath.Join(dir, g.zoneSize+"-block-staging"), filepath.Join(dir, g.zoneSize+"-dev")
+			os.MkdirAll(staging, 0o755)
+			if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: blockCapability}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: blockCapability}); err != nil {
+				t.Fatal(err)
+			}
+			out, err := exec.Command("mkfs.f2fs", "-f", "-m", target).CombinedOutput()
+			if err == nil || !strings.Contains(string(out), "not have enough random write zones") {
+				t.Errorf("mkfs.f2fs -m with %d conventional zones (the rule's %d less 2): %v\n%s", least-2, least, err, out)
+			}
+			node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target})
+			node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+		})
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"syscall"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
@@ -37,6 +38,9 @@ type stagedVolume struct {
 	// SingleWriter is the target a SINGLE_NODE_SINGLE_WRITER publish holds:
 	// while it does, the volume is published nowhere else.
 	SingleWriter string `json:"singleWriter,omitempty"`
+	// FsType is the filesystem mounted at StagingPath (a Filesystem
+	// volume), or "" for a Block volume.
+	FsType string `json:"fsType,omitempty"`
 
 	vol *volume.Volume
 	dev Device
@@ -48,13 +52,13 @@ type nodeState struct {
 	dir      string // records: <dir>/volumes/<id>.json
 	journals string // the images' redo journals
 	attacher Attacher
-	mounter  mount.Interface
+	mounter  *mount.SafeFormatAndMount
 
 	mu      sync.Mutex
 	volumes map[string]*stagedVolume
 }
 
-func newNodeState(stateDir, journals string, a Attacher, m mount.Interface) (*nodeState, error) {
+func newNodeState(stateDir, journals string, a Attacher, m *mount.SafeFormatAndMount) (*nodeState, error) {
 	n := &nodeState{dir: filepath.Join(stateDir, "volumes"), journals: journals,
 		attacher: a, mounter: m, volumes: map[string]*stagedVolume{}}
 	if err := os.MkdirAll(n.dir, 0o700); err != nil {
@@ -256,6 +260,18 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	if err != nil {
 		return nil, err
 	}
+	var fstype string
+	if mnt := req.GetVolumeCapability().GetMount(); mnt != nil {
+		params, g, err := m.geometry()
+		if err != nil {
+			return nil, statusf(codes.Internal, "NodeStageVolume %s: %v", id, err)
+		}
+		var key string
+		fstype, key = fsTypeOf(mnt.GetFsType(), params.FsType)
+		if err := checkFilesystem(key, fstype, g); err != nil {
+			return nil, statusf(codes.InvalidArgument, "NodeStageVolume %s: %v", id, err)
+		}
+	}
 	if int64(d.node.count()) >= d.cfg.MaxVolumes {
 		return nil, statusf(codes.ResourceExhausted, "NodeStageVolume %s: %d volumes staged, the most this node takes", id, d.cfg.MaxVolumes)
 	}
@@ -270,7 +286,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	}
 	// The record comes first, without a device: if the plugin dies during
 	// the attach, the next one finds the device by the image's tag.
-	v := &stagedVolume{ID: id, Image: path, Backend: backend, StagingPath: staging, Scheduler: m.Parameters[ParamScheduler]}
+	v := &stagedVolume{ID: id, Image: path, Backend: backend, StagingPath: staging, Scheduler: m.Parameters[ParamScheduler], FsType: fstype}
 	if err := writeJSON(d.node.recordPath(id), v); err != nil {
 		vol.Close()
 		return nil, statusf(codes.Internal, "NodeStageVolume %s: %v", id, err)
@@ -282,17 +298,24 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 		return nil, statusf(codes.Internal, "NodeStageVolume %s: attaching through %s: %v", id, backend, err)
 	}
 	v.Device, v.vol, v.dev = dev.Path(), vol, dev
+	code := codes.Internal
 	err = setScheduler(sysfsRoot, v.Device, v.Scheduler)
+	if err == nil && fstype != "" {
+		code, err = stageFilesystem(d.node.mounter, v.Device, staging, fstype, req.GetVolumeCapability().GetMount().GetMountFlags())
+	}
 	if err == nil {
 		err = d.node.put(v)
 	}
 	if err != nil {
+		if fstype != "" {
+			unmountStaging(d.node.mounter, staging)
+		}
 		dev.Detach()
 		vol.Close()
 		d.node.drop(id)
-		return nil, statusf(codes.Internal, "NodeStageVolume %s: %v", id, err)
+		return nil, statusf(code, "NodeStageVolume %s: %v", id, err)
 	}
-	klog.InfoS("staged volume", "volume", id, "device", v.Device, "backend", backend)
+	klog.InfoS("staged volume", "volume", id, "device", v.Device, "backend", backend, "fsType", fstype)
 	return &csi.NodeStageVolumeResponse{}, nil
 }
 
@@ -314,6 +337,11 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	}
 	// Each step is undone once, so that a retry after a failure goes on
 	// from where this one stopped.
+	if v.FsType != "" {
+		if err := unmountStaging(d.node.mounter, v.StagingPath); err != nil {
+			return nil, statusf(codes.Internal, "NodeUnstageVolume %s: %v", id, err)
+		}
+	}
 	var err error
 	if v.dev != nil {
 		err = v.dev.Detach()
@@ -373,7 +401,19 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	case single && len(v.Targets) > 0:
 		return nil, statusf(codes.FailedPrecondition, "NodePublishVolume %s: a single-writer publish, but the volume is published at %s", id, strings.Join(v.Targets, ", "))
 	}
-	if err := publishDevice(d.node.mounter, v.Device, target, req.GetReadonly()); err != nil {
+	mounted := req.GetVolumeCapability().GetMount() != nil
+	switch {
+	case mounted && v.FsType == "":
+		return nil, statusf(codes.FailedPrecondition, "NodePublishVolume %s: staged as a block volume, published as volumeMode Filesystem", id)
+	case !mounted && v.FsType != "":
+		return nil, statusf(codes.FailedPrecondition, "NodePublishVolume %s: staged with a %s filesystem, published as volumeMode Block", id, v.FsType)
+	}
+	publish := publishDevice
+	source := v.Device
+	if mounted {
+		publish, source = publishFilesystem, v.StagingPath
+	}
+	if err := publish(d.node.mounter, source, target, req.GetReadonly()); err != nil {
 		return nil, statusf(codes.Internal, "NodePublishVolume %s: %v", id, err)
 	}
 	v.Targets = append(v.Targets, target)
@@ -415,6 +455,66 @@ func publishDevice(m mount.Interface, dev, target string, readOnly bool) error {
 			os.Remove(target)
 		}
 		return fmt.Errorf("bind-mounting %s on %s: %w", dev, target, err)
+	}
+	return nil
+}
+
+// stageFilesystem mounts dev's filesystem at staging, formatting the
+// device with fstype first when it holds nothing blkid recognises. A
+// device that holds anything else (another filesystem, a partition table)
+// is never reformatted: FailedPrecondition. The code goes with the error.
+func stageFilesystem(m *mount.SafeFormatAndMount, dev, staging, fstype string, flags []string) (codes.Code, error) {
+	existing, err := m.GetDiskFormat(dev)
+	switch {
+	case err != nil:
+		return codes.Internal, fmt.Errorf("reading what %s holds: %w", dev, err)
+	case existing != "" && existing != fstype:
+		return codes.FailedPrecondition, fmt.Errorf("the volume holds %s, not the %s its capability asks for: a volume with data is never reformatted", existing, fstype)
+	}
+	if err := os.MkdirAll(staging, 0o750); err != nil {
+		return codes.Internal, fmt.Errorf("staging path: %w", err)
+	}
+	if existing == "" {
+		klog.InfoS("formatting a new Filesystem volume", "device", dev, "fsType", fstype, "options", mkfsOptions[fstype])
+	}
+	if err := m.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, flags, nil, mkfsOptions[fstype]); err != nil {
+		return codes.Internal, err
+	}
+	return codes.OK, nil
+}
+
+// unmountStaging unmounts a Filesystem volume's staging path, if mounted;
+// the directory stays (the CO made it).
+func unmountStaging(m mount.Interface, staging string) error {
+	notMounted, err := m.IsLikelyNotMountPoint(staging)
+	switch {
+	case errors.Is(err, os.ErrNotExist) || err == nil && notMounted:
+		return nil
+	case err != nil:
+		return fmt.Errorf("staging path: %w", err)
+	}
+	if err := m.Unmount(staging); err != nil {
+		return fmt.Errorf("unmounting the staging path: %w", err)
+	}
+	return nil
+}
+
+// publishFilesystem bind-mounts a Filesystem volume's staging path on
+// target, a directory it creates if missing. A target that is anything
+// but a directory (a symlink above all) is refused.
+func publishFilesystem(m mount.Interface, staging, target string, readOnly bool) error {
+	if err := os.Mkdir(target, 0o750); err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("creating the target directory: %w", err)
+	}
+	if fi, err := os.Lstat(target); err != nil || !fi.IsDir() {
+		return fmt.Errorf("target %s exists and is not a directory", target)
+	}
+	opts := []string{"bind"}
+	if readOnly {
+		opts = append(opts, "ro")
+	}
+	if err := m.Mount(staging, target, "", opts); err != nil {
+		return fmt.Errorf("bind-mounting %s on %s: %w", staging, target, err)
 	}
 	return nil
 }
@@ -468,10 +568,34 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	}
 	s := volumeStats(v)
 	resp := &csi.NodeGetVolumeStatsResponse{VolumeCondition: &csi.VolumeCondition{Abnormal: s.err != nil, Message: s.message()}}
-	if s.err == nil {
+	switch {
+	case s.err != nil:
+	case v.FsType != "":
+		// The filesystem's own figures, as df shows them in the pod; the
+		// zones' are in the condition's message.
+		usage, err := filesystemUsage(path)
+		if err != nil {
+			return nil, statusf(codes.Internal, "NodeGetVolumeStats %s: %v", id, err)
+		}
+		resp.Usage = usage
+	default:
 		resp.Usage = []*csi.VolumeUsage{{Unit: csi.VolumeUsage_BYTES, Total: s.capacity, Used: s.written, Available: s.capacity - s.written}}
 	}
 	return resp, nil
+}
+
+// filesystemUsage is statfs(2) of a mounted volume: bytes and inodes.
+// (btrfs reports no inode counts: it allocates inodes as it goes.)
+func filesystemUsage(path string) ([]*csi.VolumeUsage, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return nil, fmt.Errorf("statfs %s: %w", path, err)
+	}
+	bs := st.Bsize
+	return []*csi.VolumeUsage{
+		{Unit: csi.VolumeUsage_BYTES, Total: int64(st.Blocks) * bs, Used: int64(st.Blocks-st.Bfree) * bs, Available: int64(st.Bavail) * bs},
+		{Unit: csi.VolumeUsage_INODES, Total: int64(st.Files), Used: int64(st.Files - st.Ffree), Available: int64(st.Ffree)},
+	}, nil
 }
 
 // stats is what NodeGetVolumeStats and the metrics report of a volume.

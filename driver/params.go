@@ -28,6 +28,12 @@ const (
 	// pod cannot write): one of Schedulers; unset, the kernel's choice.
 	// ZenFS refuses a device whose scheduler is not mq-deadline.
 	ParamScheduler = "queue.scheduler"
+	// ParamFsType is the filesystem of a volumeMode Filesystem volume
+	// (one of Filesystems), as Kubernetes' in-tree drivers spelled it;
+	// csi.storage.k8s.io/fstype, which external-provisioner hands over in
+	// the volume capability, is the current spelling. Either way,
+	// DefaultFsType when unset.
+	ParamFsType = "fsType"
 	// paramIgnoredPrefix starts the keys external-provisioner adds
 	// (csi.storage.k8s.io/pvc/name, ...): not ours, ignored.
 	paramIgnoredPrefix = "csi.storage.k8s.io/"
@@ -58,11 +64,12 @@ type VolumeParams struct {
 	Spec      imageopt.CreateSpec // image options and zone.* keys, as `zq-csi image create -o` takes them
 	Attach    string              // AttachUBLK (default) or AttachNBD
 	Scheduler string              // one of Schedulers, or "" for the kernel's choice
+	FsType    string              // ParamFsType: one of Filesystems, or "" (DefaultFsType)
 }
 
 // ParseParameters parses CreateVolume parameters. Keys are qemu-img's option
 // names, as `zq-csi image create -o` takes them (imageopt.CreateOptionHelp
-// lists them), plus "attach" and "queue.scheduler"; "size" is refused (it comes from the capacity
+// lists them), plus "attach", "queue.scheduler" and "fsType"; "size" is refused (it comes from the capacity
 // range). zone.mode
 // defaults to host-managed (this driver provides zoned volumes; any other
 // value is refused). Keys beginning with "csi.storage.k8s.io/" (added by
@@ -83,6 +90,12 @@ func ParseParameters(params map[string]string) (VolumeParams, error) {
 				return VolumeParams{}, fmt.Errorf("%w: %s=%q: must be %s or %s", ErrInvalidParameter, k, v, AttachUBLK, AttachNBD)
 			}
 			p.Attach = v
+		case strings.EqualFold(k, ParamFsType):
+			// Any case, as external-provisioner matches it.
+			if !knownFilesystem(v) {
+				return VolumeParams{}, checkFilesystem(k, v, zoned.Geometry{})
+			}
+			p.FsType = v
 		case k == ParamScheduler:
 			if !slices.Contains(Schedulers, v) {
 				return VolumeParams{}, fmt.Errorf("%w: %s=%q: must be one of %s (or unset: the kernel's choice)",

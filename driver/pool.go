@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/zoned"
 )
 
 // A volume ID is also a file name in the pool and the state directory, so
@@ -50,6 +51,20 @@ type volumeMeta struct {
 	Size       int64             `json:"size"`
 	Parameters map[string]string `json:"parameters"`
 	Attach     string            `json:"attach"`
+}
+
+// geometry is what the volume's StorageClass asked for and the zone
+// geometry the volume has at its size.
+func (m *volumeMeta) geometry() (VolumeParams, zoned.Geometry, error) {
+	params, err := ParseParameters(m.Parameters)
+	if err != nil {
+		return VolumeParams{}, zoned.Geometry{}, fmt.Errorf("stored parameters: %w", err)
+	}
+	_, g, err := params.Size(m.Size, 0)
+	if err != nil {
+		return VolumeParams{}, zoned.Geometry{}, fmt.Errorf("stored parameters at size %d: %w", m.Size, err)
+	}
+	return params, g, nil
 }
 
 // pool is the node-local directory of volume images: <id>.qcow2 and
