@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
 # The zq-csi image: the static zq-csi binary on Debian slim with the tools the
 # CSI plugin runs: mount and umount (k8s.io/mount-utils bind-mounts the device
-# for NodePublishVolume) and modprobe (the chart's optional init container that
-# loads ublk_drv and nbd). Nothing else is executed at runtime.
+# for NodePublishVolume), blkid, fsck and the zoned filesystems' mkfs (a
+# volumeMode Filesystem volume is formatted at its first NodeStageVolume), and
+# modprobe (the chart's optional init container that loads ublk_drv and nbd).
+# Nothing else is executed at runtime.
 #
 #   make image                                  (or:)
 #   docker build -t ghcr.io/zq-csi/zq-csi:0.1.0 --build-arg VERSION=0.1.0 .
@@ -20,10 +22,11 @@ RUN --mount=type=cache,target=/root/go/pkg/mod --mount=type=cache,target=/root/.
     CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /zq-csi ./cmd/zq-csi
 
 FROM debian:${DEBIAN_RELEASE}-slim
-# mount: mount(8)/umount(8); kmod: modprobe; util-linux: blkzone, lsblk for
-# debugging a node (kubectl exec ... blkzone report /dev/ublkb0).
+# mount: mount(8)/umount(8); kmod: modprobe; util-linux: blkid, fsck, and
+# blkzone, lsblk for debugging a node (kubectl exec ... blkzone report
+# /dev/ublkb0); btrfs-progs, f2fs-tools: mkfs.btrfs, mkfs.f2fs, fsck.f2fs.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends mount kmod util-linux \
+    && apt-get install -y --no-install-recommends mount kmod util-linux btrfs-progs f2fs-tools \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /zq-csi /usr/local/bin/zq-csi
 ARG VERSION=dev

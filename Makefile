@@ -124,6 +124,7 @@ bench:
 	@echo "== zq-csi export against qemu-nbd, fio's nbd engine"
 	bash scripts/bench-nbd.sh | tee -a bench.txt
 	bash scripts/bench-ublk.sh | tee -a bench.txt
+	bash scripts/bench-db.sh | tee -a bench.txt
 
 # go test -fuzz takes one target of one package at a time: list them all.
 fuzz:

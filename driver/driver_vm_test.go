@@ -443,3 +443,97 @@ func TestKernelF2FSConventionalZonesRule(t *testing.T) {
 		})
 	}
 }
+
+// TestKernelDatabases runs RocksDB (db_bench) on btrfs and on f2fs volumes
+// and PostgreSQL (pgbench) on a btrfs volume, each staged through the CSI
+// API, with the checks of test/e2e/db-workloads.sh: the databases' own
+// verification, SIGKILL in the middle of durable writes, reopening. The
+// RocksDB run on btrfs has the plugin killed and started again under it
+// too (the ublk device recovered): the database must not see an error.
+func TestKernelDatabases(t *testing.T) {
+	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
+	script, err := filepath.Abs("../test/e2e/db-workloads.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, workload, fstype string
+		restart                bool // kill and restart the plugin under the workload
+	}{
+		{"rocksdb on f2fs", "rocksdb", "f2fs", false},
+		{"postgres on btrfs", "postgres", "btrfs", false},
+		{"rocksdb on btrfs across a plugin restart", "rocksdb", "btrfs", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			p := startPlugin(t, bin, dir)
+			ctl, node, done := csiClients(t, p)
+			defer func() { done() }()
+			ctx := context.Background()
+			// 1 GiB in 16 MiB zones; f2fs's metadata in 3 conventional zones.
+			params := map[string]string{"zone.size": "16Mi", "zone.max_open_zones": "8", "zone.max_active_zones": "8", "zone.conventional_zones": "3"}
+			v := &fsVolume{capability: mountCapability(tc.fstype), staging: filepath.Join(dir, "staging"), target: filepath.Join(dir, "pod", "mount")}
+			os.MkdirAll(filepath.Dir(v.target), 0o755)
+			cv, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-db", Parameters: params,
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}, VolumeCapabilities: []*csi.VolumeCapability{v.capability}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			v.id = cv.Volume.VolumeId
+			// PostgreSQL runs as the user postgres, who must reach the
+			// mount point through the test's private directories.
+			for d := filepath.Dir(v.target); d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
+				os.Chmod(d, 0o755)
+			}
+			v.stage(t, node)
+			// Unstaged even when the test fails: a device left without its
+			// plugin would hold up the guest's shutdown.
+			defer func() {
+				node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target})
+				node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging})
+			}()
+			w := vmtest.Start(t, "bash", script, tc.workload, v.target)
+			if tc.restart {
+				time.Sleep(10 * time.Second)
+				p.cmd.Process.Kill()
+				<-p.exited
+				done()
+				p = startPlugin(t, bin, dir)
+				ctl, node, done = csiClients(t, p)
+			}
+			select {
+			case err = <-w.Done():
+			case <-time.After(10 * time.Minute):
+				t.Fatalf("%s did not finish in 10 minutes:\n%s", tc.workload, w.Out)
+			}
+			for _, line := range strings.Split(w.Out.String(), "\n") {
+				switch {
+				case strings.HasPrefix(line, "not ok - "):
+					t.Error(strings.TrimPrefix(line, "not ok - "))
+				case strings.HasPrefix(line, "# figure: "):
+					t.Log(line[2:])
+				}
+			}
+			if err != nil || !strings.Contains(w.Out.String(), "ok - ") {
+				t.Fatalf("%s: %v\n%s", tc.workload, err, tail(w.Out.String(), 40))
+			}
+			if tc.restart && !strings.Contains(p.log.String(), "took back a staged volume") {
+				t.Errorf("the new plugin did not take the volume back:\n%s", tail(p.log.String(), 20))
+			}
+			v.unstage(t, node)
+			if _, err := ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.id}); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// csiClients connects to a plugin; done closes the connection.
+func csiClients(t *testing.T, p *plugin) (csi.ControllerClient, csi.NodeClient, func()) {
+	t.Helper()
+	conn, err := grpc.NewClient(p.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return csi.NewControllerClient(conn), csi.NewNodeClient(conn), func() { conn.Close() }
+}

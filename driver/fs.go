@@ -13,8 +13,9 @@ import (
 // The zoned filesystems a volumeMode Filesystem volume may hold, and the
 // rules a geometry must meet for each. The minimums were measured with
 // Debian 12's mkfs.btrfs 6.2 and mkfs.f2fs 1.15 on zoned null_blk devices
-// in the VM harness (docs/filesystems.md has the table); the VM test
-// TestKernelFilesystemRules runs mkfs against them.
+// in the VM harness (README.md, "Filesystem volumes"); the VM tests
+// TestKernelFilesystemVolumes and TestKernelF2FSConventionalZonesRule
+// hold them to mkfs.
 const (
 	FsBtrfs = "btrfs"
 	FsF2FS  = "f2fs"

@@ -17,6 +17,8 @@
 #      fio-zbd.sh (one "ok"/"not ok" per geometry, counted here), and its
 #      negative control: a zq-csi image with a deliberately lower open-zone
 #      limit than null_blk's must fail test 13 of the suite, and only that.
+#   5. power-loss.sh: the guest killed under PostgreSQL on a btrfs volume and
+#      files on an f2fs one, booted again, every acknowledged write checked.
 # (A Kubernetes node in the VM harness is a tier of its own: make e2e-k8s.)
 # Prints "ok"/"not ok" per check and ends with "N passed, N failed"; exits 1
 # if anything failed. Each step boots its own guest (about 10 s each).
@@ -160,10 +162,12 @@ expect "kernel-checks.sh exit status ($(tail -n1 "$SCRATCH/out"), $(elapsed "$t"
 echo "# Go tests with the vmtest build tag (vm-go-test.sh ./...)"
 t=$EPOCHREALTIME
 rc=0
-# One guest runs every package (about 2.5 minutes on a quiet machine):
-# its limit follows the machine's speed too, unless ZQ_VM_TIMEOUT is set.
-go_limit=${ZQ_VM_TIMEOUT:-$(boots 100 900)}
-ZQ_VM_TIMEOUT=$go_limit "$E2E_DIR/vm-go-test.sh" ./... 2>&1 | tee "$SCRATCH/out" | sed 's/^/  /' || rc=$?
+# One guest runs every package (about 8 minutes on a quiet machine, the
+# databases on Filesystem volumes 3 of them, with 3 GiB for PostgreSQL
+# and RocksDB beside the images in the guest's memory): its limit follows
+# the machine's speed too, unless ZQ_VM_TIMEOUT is set.
+go_limit=${ZQ_VM_TIMEOUT:-$(boots 300 1800)}
+ZQ_VM_MEM=${ZQ_VM_MEM:-3072} ZQ_VM_TIMEOUT=$go_limit "$E2E_DIR/vm-go-test.sh" ./... 2>&1 | tee "$SCRATCH/out" | sed 's/^/  /' || rc=$?
 expect "vm-go-test.sh ./... exit status ($(elapsed "$t")s)" 0 "$rc"
 if grep -q '^ok	github.com/zq-csi/zq-csi/test/e2e	' "$SCRATCH/out"; then
 	ok "test/e2e Go kernel tests ran and passed"
@@ -196,6 +200,12 @@ expect "fio-zbd.sh exit status with a wrong limit" 1 "$rc"
 got=$(grep -c '^not ok - fio t/zbd G2 .*null_blk 1 pass/0 fail/0 skip, zq-csi 0 pass/1 fail/0 skip.*ZQ-CSI FAILURES: 13(FAIL)' "$SCRATCH/out" || true)
 expect "fio-zbd.sh reports zq-csi failing test 13 and nothing else" 1 "$got"
 [[ $got == 1 ]] || sed 's/^/  /' "$SCRATCH/out"
+
+# ---- 5. a power cut of the whole guest under two databases ---------------
+# power-loss.sh boots twice: PostgreSQL on btrfs and files on f2fs, the
+# guest killed, then every acknowledged write checked (about 4 minutes).
+echo "# power loss of the guest under PostgreSQL on btrfs and files on f2fs (power-loss.sh)"
+checks power-loss.sh "" "$E2E_DIR/power-loss.sh"
 
 echo "# total $(elapsed "$T0")s"
 echo "$PASS passed, $FAIL failed"

@@ -62,6 +62,8 @@ HOST_PACKAGES=(
 	f2fs-tools      # mkfs.f2fs (zoned mode)
 	qemu-utils      # qemu-img, qemu-io, qemu-nbd
 	libnbd-bin      # nbdinfo, nbdcopy
+	rocksdb-tools   # db_bench, ldb (the database tests)
+	postgresql-15   # postgres, pgbench, pg_amcheck (the database tests)
 )
 # Extra packages (space-separated) a caller wants on host and so in the guest.
 read -r -a EXTRA_PACKAGES <<<"${ZQ_VM_EXTRA_PACKAGES:-}"

@@ -30,8 +30,9 @@ TOOLS=${ZQ_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/zq-csi-tools}
 if [[ ${1:-} != --guest ]]; then
 	# runc's seccomp needs libseccomp-dev and pkg-config to build; the
 	# guest (the host's root) needs the CNI plugins, ip and openssl.
-	# zbd-utils, fio and busybox-static go into the workload image.
-	ZQ_EXTRA_PKGS="libseccomp-dev pkg-config containernetworking-plugins iproute2 openssl zbd-utils busybox-static" \
+	# zbd-utils, fio and busybox-static go into the workload image,
+	# btrfs-progs and f2fs-tools into the plugin's.
+	ZQ_EXTRA_PKGS="libseccomp-dev pkg-config containernetworking-plugins iproute2 openssl zbd-utils busybox-static btrfs-progs f2fs-tools" \
 		bash "$root/scripts/deps.sh"
 	bash "$root/scripts/kube-tools.sh" node provisioner e2e
 	work=$(mktemp -d /var/tmp/zq-kube.XXXXXX)
@@ -63,7 +64,9 @@ if [[ ${1:-} != --guest ]]; then
 		--add "$work/busybox/bin=/bin" --add /usr/bin/dash=/bin/sh --add "$work/busybox/tmp=/tmp" --cmd sh \
 		--bin /usr/bin/dd --bin /usr/bin/sha256sum --bin /usr/bin/base64
 	"$work/ocibuild" --tag zq-csi.local/zq-csi:dev --out "$work/zq-csi.tar" --entrypoint /usr/local/bin/zq-csi \
-		--add "$work/zq-csi=/usr/local/bin/zq-csi" --bin /usr/bin/mount --bin /usr/bin/umount --bin /usr/sbin/blkzone
+		--add "$work/zq-csi=/usr/local/bin/zq-csi" --bin /usr/bin/mount --bin /usr/bin/umount --bin /usr/sbin/blkzone \
+		--bin /usr/sbin/blkid --bin /usr/sbin/mkfs.btrfs --bin /usr/sbin/mkfs.f2fs --bin /usr/sbin/fsck --bin /usr/sbin/fsck.f2fs \
+		--add /usr/sbin/fsck.btrfs=/usr/sbin/fsck.btrfs --add /usr/bin/dash=/bin/sh
 	"$work/ocibuild" --tag zq-csi.local/csi-provisioner:dev --out "$work/csi-provisioner.tar" --entrypoint /csi-provisioner \
 		--add "$(readlink -f "$TOOLS/bin/csi-provisioner")=/csi-provisioner"
 	# what a user's zoned test pod runs: fio, util-linux's blkzone, libzbd's
@@ -319,6 +322,21 @@ storageClasses:
     extraParameters: {}
     labels: {}
     annotations: {}
+  # a volumeMode Filesystem class: f2fs, its metadata in 3 conventional
+  # zones (of 64 on a 1 GiB claim)
+  - name: zq-csi-f2fs
+    default: false
+    reclaimPolicy: Delete
+    allowVolumeExpansion: null
+    attach: ublk
+    zone: {size: 16Mi, capacity: null, conventionalZones: 3, maxOpenZones: 8, maxActiveZones: 8, maxAppendBytes: null}
+    clusterSize: null
+    scheduler: null
+    fsType: f2fs
+    mountOptions: [noatime]
+    extraParameters: {}
+    labels: {}
+    annotations: {}
   # Kubernetes' storage e2e suite's class (e2e-driver.yaml): a conventional
   # first zone, since the suite rewrites the start of a volume
   - name: zq-csi-e2e
@@ -458,6 +476,69 @@ delete_volume() {
 		bash -c "(( \$(capacity) > $capacity_before - (16 << 20) ))"
 }
 delete_volume zones zoned
+
+# ---- a Filesystem PVC: f2fs in zoned mode, in a pod -------------------------
+# The class zq-csi-f2fs: the node formats the volume at its first stage and
+# the pod sees a mounted f2fs with the class's mount options; fio writes and
+# verifies files in it; the kubelet's volume metrics (NodeGetVolumeStats)
+# show the filesystem's bytes and inodes.
+kubectl -n zq-test apply -f - >/dev/null <<'EOF'
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: files}
+spec:
+  storageClassName: zq-csi-f2fs
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Gi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: files}
+spec:
+  containers:
+    - name: zq
+      image: zq-csi.local/workload:1
+      imagePullPolicy: Never
+      command:
+        - /bin/sh
+        - -c
+        - |
+          set -e
+          echo "mount: $(/bin/busybox grep ' /data ' /proc/self/mounts)"
+          fio --name=files --directory=/data --nrfiles=4 --size=64M --bs=64k --rw=write --ioengine=psync \
+            --verify=crc32c --do_verify=1 --fsync_on_close=1
+          echo finished
+          exec /bin/busybox sleep 3600
+      volumeMounts: [{name: data, mountPath: /data}]
+  volumes: [{name: data, persistentVolumeClaim: {claimName: files}}]
+  restartPolicy: Never
+EOF
+wait_for "a pod with an f2fs PVC wrote and verified files" 900 bash -c 'kubectl -n zq-test logs files 2>/dev/null | grep -q "^finished"'
+out=$(kubectl -n zq-test logs files 2>&1 || true)
+echo "$out" >"$work/logs/files-pod.log"
+expect "the pod's /data: f2fs with the class's noatime" "f2fs noatime" \
+	"$(sed -n 's/^mount: [^ ]* \/data \([a-z0-9]*\) .*\(noatime\).*/\1 \2/p' <<<"$out")"
+if [[ $out == *"err= 0"* ]]; then ok "fio --verify=crc32c on f2fs files in the pod: err= 0"; else not_ok "fio on f2fs in the pod: $(tail -n 20 <<<"$out")"; fi
+# The kubelet's volume metrics (what Prometheus scrapes from it), from the
+# plugin's NodeGetVolumeStats: the filesystem's bytes and inodes.
+# (Its stats summary API fails on this node: cadvisor finds no filesystem
+# for the tmpfs the kubelet's directory is on.)
+files_stats() {
+	kubectl get --raw /api/v1/nodes/zq-node/proxy/metrics |
+		awk -F'[{} ]' '$1 ~ /^kubelet_volume_stats_(capacity_bytes|used_bytes|inodes)$/ && $2 ~ /persistentvolumeclaim="files"/ { v[$1] = $NF }
+			END { printf "%d %d %d\n", v["kubelet_volume_stats_capacity_bytes"], v["kubelet_volume_stats_used_bytes"], v["kubelet_volume_stats_inodes"] }'
+}
+for ((i = 0; i < 120; i++)); do
+	read -r cap used inodes <<<"$(files_stats 2>/dev/null || echo 0 0 0)"
+	((cap > 900 << 20 && used >= 64 << 20 && inodes > 0)) && break
+	sleep 2
+done
+if ((cap > 900 << 20 && used >= 64 << 20 && inodes > 0)); then
+	ok "the kubelet's volume metrics of the f2fs claim (NodeGetVolumeStats): capacity $((cap >> 20)) MiB, used $((used >> 20)) MiB, $inodes inodes"
+else
+	not_ok "the kubelet's volume metrics of the f2fs claim: capacity $cap, used $used, inodes $inodes (want > 900 MiB, >= 64 MiB, > 0); its kubelet_volume_stats lines: $(kubectl get --raw /api/v1/nodes/zq-node/proxy/metrics 2>&1 | grep -c '^kubelet_volume_stats' || true)"
+fi
+delete_volume files files
 # The kubelet ran the exec liveness probe all along and never restarted the
 # plugin (under TCG, with fio running, a probe can time out now and then:
 # the chart allows 5 in a row).
