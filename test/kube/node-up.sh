@@ -480,8 +480,11 @@ delete_volume zones zoned
 # ---- a Filesystem PVC: f2fs in zoned mode, in a pod -------------------------
 # The class zq-csi-f2fs: the node formats the volume at its first stage and
 # the pod sees a mounted f2fs with the class's mount options; fio writes and
-# verifies files in it; the kubelet's volume metrics (NodeGetVolumeStats)
-# show the filesystem's bytes and inodes.
+# verifies files in it. (The kubelet's volume stats, which come from the
+# plugin's NodeGetVolumeStats, are not looked at here: on this node the
+# kubelet reports none, since cadvisor finds no filesystem information for
+# the tmpfs its directory is on. The VM tier checks NodeGetVolumeStats of
+# Filesystem volumes against df.)
 kubectl -n zq-test apply -f - >/dev/null <<'EOF'
 apiVersion: v1
 kind: PersistentVolumeClaim
@@ -519,25 +522,6 @@ echo "$out" >"$work/logs/files-pod.log"
 expect "the pod's /data: f2fs with the class's noatime" "f2fs noatime" \
 	"$(sed -n 's/^mount: [^ ]* \/data \([a-z0-9]*\) .*\(noatime\).*/\1 \2/p' <<<"$out")"
 if [[ $out == *"err= 0"* ]]; then ok "fio --verify=crc32c on f2fs files in the pod: err= 0"; else not_ok "fio on f2fs in the pod: $(tail -n 20 <<<"$out")"; fi
-# The kubelet's volume metrics (what Prometheus scrapes from it), from the
-# plugin's NodeGetVolumeStats: the filesystem's bytes and inodes.
-# (Its stats summary API fails on this node: cadvisor finds no filesystem
-# for the tmpfs the kubelet's directory is on.)
-files_stats() {
-	kubectl get --raw /api/v1/nodes/zq-node/proxy/metrics |
-		awk -F'[{} ]' '$1 ~ /^kubelet_volume_stats_(capacity_bytes|used_bytes|inodes)$/ && $2 ~ /persistentvolumeclaim="files"/ { v[$1] = $NF }
-			END { printf "%d %d %d\n", v["kubelet_volume_stats_capacity_bytes"], v["kubelet_volume_stats_used_bytes"], v["kubelet_volume_stats_inodes"] }'
-}
-for ((i = 0; i < 120; i++)); do
-	read -r cap used inodes <<<"$(files_stats 2>/dev/null || echo 0 0 0)"
-	((cap > 900 << 20 && used >= 64 << 20 && inodes > 0)) && break
-	sleep 2
-done
-if ((cap > 900 << 20 && used >= 64 << 20 && inodes > 0)); then
-	ok "the kubelet's volume metrics of the f2fs claim (NodeGetVolumeStats): capacity $((cap >> 20)) MiB, used $((used >> 20)) MiB, $inodes inodes"
-else
-	not_ok "the kubelet's volume metrics of the f2fs claim: capacity $cap, used $used, inodes $inodes (want > 900 MiB, >= 64 MiB, > 0); its kubelet_volume_stats lines: $(kubectl get --raw /api/v1/nodes/zq-node/proxy/metrics 2>&1 | grep -c '^kubelet_volume_stats' || true)"
-fi
 delete_volume files files
 # The kubelet ran the exec liveness probe all along and never restarted the
 # plugin (under TCG, with fio running, a probe can time out now and then:
