@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
@@ -14,6 +15,8 @@ import (
 	utilexec "k8s.io/utils/exec"
 	testingexec "k8s.io/utils/exec/testing"
 
+	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
@@ -187,6 +190,30 @@ func TestFilesystemVolumeHoldingOtherDataIsNeverReformatted(t *testing.T) {
 	wantCode(t, err, codes.FailedPrecondition, "holds ext4")
 	if len(tools.mkfs) != 0 || len(e.mounter.MountPoints) != 0 || e.d.node.staged(v.VolumeId) {
 		t.Fatalf("a refused stage left mkfs %q, mounts %+v, staged %v", tools.mkfs, e.mounter.MountPoints, e.d.node.staged(v.VolumeId))
+	}
+}
+
+func TestVolumeWithDataInItsZonesIsNeverFormatted(t *testing.T) {
+	tools := &fakeTools{} // blkid finds nothing
+	e := newFsTestDriver(t, tools)
+	ctx := context.Background()
+	v := e.create(t, "pvc-d", 48<<20)
+	// What a Block volume's user left: a write at the start of the first
+	// sequential zone (zone 1; zone 0 is conventional).
+	vol, err := volume.Open(e.d.pool.imagePath(v.VolumeId), image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := vol.WriteFrom(bytes.NewReader(make([]byte, 4096)), 4<<20, 4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := vol.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.d.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: v.VolumeId, StagingTargetPath: t.TempDir(), VolumeCapability: fsCap("")})
+	wantCode(t, err, codes.FailedPrecondition, "1 of its sequential zones hold data")
+	if len(tools.mkfs) != 0 || e.d.node.staged(v.VolumeId) {
+		t.Fatalf("mkfs %q, staged %v", tools.mkfs, e.d.node.staged(v.VolumeId))
 	}
 }
 

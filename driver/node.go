@@ -301,7 +301,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	code := codes.Internal
 	err = setScheduler(sysfsRoot, v.Device, v.Scheduler)
 	if err == nil && fstype != "" {
-		code, err = stageFilesystem(d.node.mounter, v.Device, staging, fstype, req.GetVolumeCapability().GetMount().GetMountFlags())
+		code, err = stageFilesystem(d.node.mounter, v.Device, staging, fstype, req.GetVolumeCapability().GetMount().GetMountFlags(), writtenZones(vol))
 	}
 	if err == nil {
 		err = d.node.put(v)
@@ -460,16 +460,20 @@ func publishDevice(m mount.Interface, dev, target string, readOnly bool) error {
 }
 
 // stageFilesystem mounts dev's filesystem at staging, formatting the
-// device with fstype first when it holds nothing blkid recognises. A
-// device that holds anything else (another filesystem, a partition table)
-// is never reformatted: FailedPrecondition. The code goes with the error.
-func stageFilesystem(m *mount.SafeFormatAndMount, dev, staging, fstype string, flags []string) (codes.Code, error) {
+// device with fstype first when it holds nothing blkid recognises and no
+// sequential zone has been written (written counts those that have). A
+// device that holds anything else (another filesystem, a partition table,
+// data in its zones) is never formatted: FailedPrecondition. The code goes
+// with the error.
+func stageFilesystem(m *mount.SafeFormatAndMount, dev, staging, fstype string, flags []string, written int) (codes.Code, error) {
 	existing, err := m.GetDiskFormat(dev)
 	switch {
 	case err != nil:
 		return codes.Internal, fmt.Errorf("reading what %s holds: %w", dev, err)
 	case existing != "" && existing != fstype:
 		return codes.FailedPrecondition, fmt.Errorf("the volume holds %s, not the %s its capability asks for: a volume with data is never reformatted", existing, fstype)
+	case existing == "" && written > 0:
+		return codes.FailedPrecondition, fmt.Errorf("the volume holds no filesystem but %d of its sequential zones hold data (a Block volume's?): it is not formatted over them", written)
 	}
 	if err := os.MkdirAll(staging, 0o750); err != nil {
 		return codes.Internal, fmt.Errorf("staging path: %w", err)
@@ -481,6 +485,22 @@ func stageFilesystem(m *mount.SafeFormatAndMount, dev, staging, fstype string, f
 		return codes.Internal, err
 	}
 	return codes.OK, nil
+}
+
+// writtenZones counts the sequential zones of vol whose write pointer has
+// left the zone's start.
+func writtenZones(vol *volume.Volume) int {
+	zones := vol.Zones()
+	if zones == nil {
+		return 0
+	}
+	n := 0
+	for _, z := range zones.Report(0, zones.Geometry().NumZones()) {
+		if z.Type != zoned.Conventional && z.WritePointer != z.Start {
+			n++
+		}
+	}
+	return n
 }
 
 // unmountStaging unmounts a Filesystem volume's staging path, if mounted;
