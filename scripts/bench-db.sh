@@ -48,12 +48,13 @@ measure() {
 		grep '^not ok' <<<"$out" >&2
 	}
 	umount "$work/mnt"
+	grep '^# figure: ' <<<"$out" >"$work/figures"
 	while read -r line; do
 		set -- $line # "# figure: NAME VALUE UNIT"
 		key="$3 on $fs"
 		figures[$key,$name]="$4 $5"
 		echo "$name: $key: $4 $5"
-	done < <(grep '^# figure: ' <<<"$out")
+	done <"$work/figures" # (a file: the guest's /dev has no /dev/fd)
 }
 
 # the zq-csi volume: an image of the geometry attached through ublk
