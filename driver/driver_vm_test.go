@@ -153,13 +153,9 @@ func TestKernelPluginRestartUnderIO(t *testing.T) {
 	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
 	dir := t.TempDir()
 	p := startPlugin(t, bin, dir)
-	conn, err := grpc.NewClient(p.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	ctl, node, done := csiClients(t, p)
+	defer done()
 	ctx := context.Background()
-	ctl, node := csi.NewControllerClient(conn), csi.NewNodeClient(conn)
 	capability := &csi.VolumeCapability{
 		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
 		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
@@ -285,13 +281,9 @@ func TestKernelFilesystemVolumes(t *testing.T) {
 	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
 	dir := t.TempDir()
 	p := startPlugin(t, bin, dir)
-	conn, err := grpc.NewClient(p.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	ctl, node, done := csiClients(t, p)
+	defer done()
 	ctx := context.Background()
-	ctl, node := csi.NewControllerClient(conn), csi.NewNodeClient(conn)
 	for _, tc := range []struct {
 		fstype string
 		params map[string]string
@@ -380,13 +372,9 @@ func TestKernelF2FSConventionalZonesRule(t *testing.T) {
 	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
 	dir := t.TempDir()
 	p := startPlugin(t, bin, dir)
-	conn, err := grpc.NewClient(p.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	ctl, node, done := csiClients(t, p)
+	defer done()
 	ctx := context.Background()
-	ctl, node := csi.NewControllerClient(conn), csi.NewNodeClient(conn)
 	blockCapability := &csi.VolumeCapability{
 		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
 		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
