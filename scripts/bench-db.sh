@@ -22,6 +22,7 @@ fi
 
 bin=$root/bin/zq-csi
 work=$(mktemp -d /tmp/bench-db.XXXXXX)
+chmod 755 "$work" # PostgreSQL runs as the user postgres, below it
 zone_mb=16 nzones=64 conv=3
 pid=
 cleanup() {
