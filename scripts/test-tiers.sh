@@ -34,8 +34,8 @@ if ((${#selected[@]} == 0)); then
 	exit 2
 fi
 
-echo "make test: ${#selected[@]} tier(s). Measured on 2 cores (README, Testing): all seven take about 22 minutes"
-echo "with warm caches on a quiet machine, and about 34 minutes cold (tools, kernel and modules"
+echo "make test: ${#selected[@]} tier(s). Measured on 2 cores (README, Testing): all seven take about 30 minutes"
+echo "with warm caches on a quiet machine, and about 50 minutes cold (tools, kernel and modules"
 echo "fetched and built)."
 names=() results=() times=()
 start_all=$SECONDS
