@@ -25,6 +25,9 @@ set -uo pipefail
 workload=${1:?usage: db-workloads.sh rocksdb|postgres DIR}
 dir=${2:?usage: db-workloads.sh rocksdb|postgres DIR}
 FAIL=0
+# the databases' own logs, outside DIR: they must outlive a filesystem
+# that failed
+logs=$(mktemp -d)
 ok() { echo "ok - $*"; }
 not_ok() {
 	echo "not ok - $*"
@@ -52,14 +55,14 @@ rocksdb() {
 	figure "rocksdb-readrandom $(rate "$out" readrandom) ops/s"
 
 	# SIGKILL in the middle of synchronous (WAL-fsynced) overwrites.
-	db_bench "${common[@]}" --use_existing_db=1 --benchmarks=overwrite --sync=1 --duration=120 >"$dir/.killed.log" 2>&1 &
+	db_bench "${common[@]}" --use_existing_db=1 --benchmarks=overwrite --sync=1 --duration=120 >"$logs/killed.log" 2>&1 &
 	pid=$!
 	sleep 8
 	if kill -0 "$pid" 2>/dev/null; then
 		kill -9 "$pid"
 		ok "rocksdb: db_bench killed (SIGKILL) in the middle of synchronous overwrites"
 	else
-		not_ok "rocksdb: the synchronous overwrite ended before it was killed: $(tail -n 3 "$dir/.killed.log")"
+		not_ok "rocksdb: the synchronous overwrite ended before it was killed: $(tail -n 3 "$logs/killed.log")"
 	fi
 	wait "$pid" 2>/dev/null
 	if out=$(db_bench "${common[@]}" --use_existing_db=1 --benchmarks=verifychecksum,readrandom --reads=$n --verify_checksum=1 2>&1) &&
@@ -84,13 +87,13 @@ postgres() {
 	as_pg() { runuser -u postgres -- "$@"; }
 	# the server on a unix socket in /tmp only; dynamic shared memory in
 	# the data directory (the guest may have no /dev/shm)
-	start() { as_pg "$bin/pg_ctl" -D "$data" -l "$dir/pg.log" -w -t 300 -o "-k /tmp -c listen_addresses= -c dynamic_shared_memory_type=mmap" start >/dev/null 2>&1; }
+	start() { as_pg "$bin/pg_ctl" -D "$data" -l "$logs/pg.log" -w -t 300 -o "-k /tmp -c listen_addresses= -c dynamic_shared_memory_type=mmap" start >/dev/null 2>&1; }
 	sql() { as_pg "$bin/psql" -h /tmp -At -d postgres -c "$1"; }
-	chown postgres: "$dir"
-	if as_pg "$bin/initdb" -D "$data" --data-checksums -A trust >"$dir/initdb.log" 2>&1 && start; then
+	chown postgres: "$dir" "$logs"
+	if as_pg "$bin/initdb" -D "$data" --data-checksums -A trust >"$logs/initdb.log" 2>&1 && start; then
 		ok "postgres: initdb --data-checksums and start"
 	else
-		not_ok "postgres: initdb or start: $(tail -n 5 "$dir/initdb.log" "$dir/pg.log" 2>/dev/null)"
+		not_ok "postgres: initdb or start: $(tail -n 5 "$logs/initdb.log" "$logs/pg.log" 2>/dev/null)"
 		return
 	fi
 	if out=$(as_pg "$bin/pgbench" -h /tmp -i -s 4 postgres 2>&1); then ok "postgres: pgbench -i -s 4"; else not_ok "postgres: pgbench -i: $(tail -n 3 <<<"$out")"; fi
@@ -106,13 +109,13 @@ postgres() {
 	while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
 	pkill -9 -u postgres postgres 2>/dev/null
 	sleep 1
-	if start; then ok "postgres: restarts after SIGKILL (crash recovery)"; else not_ok "postgres: restart after SIGKILL: $(tail -n 5 "$dir/pg.log")"; fi
+	if start; then ok "postgres: restarts after SIGKILL (crash recovery)"; else not_ok "postgres: restart after SIGKILL: $(tail -n 5 "$logs/pg.log")"; fi
 	count=$(sql "select count(*) from pgbench_history")
 	expect_eq "postgres: every committed pgbench transaction has its history row after SIGKILL" "${n:-?}" "$count"
 
 	# SIGKILL in the middle of a run
 	# (-n: no vacuum first, which would empty pgbench_history)
-	as_pg "$bin/pgbench" -h /tmp -n -c 2 -T 60 postgres >"$dir/.killed.log" 2>&1 &
+	as_pg "$bin/pgbench" -h /tmp -n -c 2 -T 60 postgres >"$logs/killed.log" 2>&1 &
 	sleep 10
 	pid=$(head -n 1 "$data/postmaster.pid")
 	kill -9 "$pid"
@@ -120,7 +123,7 @@ postgres() {
 	pkill -9 -u postgres postgres 2>/dev/null
 	wait
 	sleep 1
-	if start; then ok "postgres: recovers after SIGKILL in the middle of pgbench"; else not_ok "postgres: restart after the second SIGKILL: $(tail -n 5 "$dir/pg.log")"; fi
+	if start; then ok "postgres: recovers after SIGKILL in the middle of pgbench"; else not_ok "postgres: restart after the second SIGKILL: $(tail -n 5 "$logs/pg.log")"; fi
 	count=$(sql "select count(*) from pgbench_history")
 	if [[ $count =~ ^[0-9]+$ ]] && ((count >= ${n:-0})); then ok "postgres: history rows kept ($count >= $n)"; else not_ok "postgres: history rows $count after the second kill, $n before"; fi
 	if out=$(as_pg "$bin/pg_amcheck" -h /tmp --install-missing --heapallindexed -d postgres 2>&1); then
@@ -135,6 +138,19 @@ expect_eq() {
 	if [[ $2 == "$3" ]]; then ok "$1 ($3)"; else not_ok "$1: want $2, got $3"; fi
 }
 
+# diagnose: what a failed run needs to be understood, printed once
+diagnose() {
+	echo "# --- diagnosis: the kernel's last messages"
+	dmesg | tail -n 90 | sed 's/^/# /'
+	echo "# --- df $dir"
+	df -h "$dir" | sed 's/^/# /'
+	for f in "$logs"/*.log; do
+		[[ -s $f ]] || continue
+		echo "# --- $f"
+		tail -n 15 "$f" | sed 's/^/# /'
+	done
+}
+
 case $workload in
 rocksdb) rocksdb ;;
 postgres) postgres ;;
@@ -143,4 +159,6 @@ postgres) postgres ;;
 	exit 2
 	;;
 esac
+((FAIL == 0)) || diagnose
+rm -rf "$logs"
 ((FAIL == 0))
