@@ -3,8 +3,10 @@
 # zq-csi ublk volume and on a memory-backed zoned null_blk of the same
 # geometry (the ceiling), in one VM harness guest, with the ratios.
 #
-#   scripts/bench-db.sh
+#   scripts/bench-db.sh [FS:WORKLOAD...]
 #
+# With no argument it runs btrfs:rocksdb f2fs:rocksdb btrfs:postgres; name
+# some of them to run those only.
 # The geometry is the database tests' (1 GiB, 16 MiB zones, 3 of them
 # conventional; 8 open/active zones under f2fs, no limit under btrfs, whose
 # transactions abort under an active-zone limit on the guest's kernel); RocksDB's db_bench on btrfs and on f2fs,
@@ -14,10 +16,23 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
-if [[ ${1:-} != --guest ]]; then
+guest=0
+[[ ${1:-} == --guest ]] && guest=1 && shift
+runs=("$@")
+((${#runs[@]})) || runs=(btrfs:rocksdb f2fs:rocksdb btrfs:postgres)
+for run in "${runs[@]}"; do
+	case $run in
+	btrfs:rocksdb | f2fs:rocksdb | btrfs:postgres | f2fs:postgres) ;;
+	*)
+		echo "bench-db: unknown run $run (FS:WORKLOAD, FS btrfs or f2fs, WORKLOAD rocksdb or postgres)" >&2
+		exit 2
+		;;
+	esac
+done
+if ((!guest)); then
 	(cd "$root" && go build -o bin/zq-csi ./cmd/zq-csi)
 	ZQ_VM_MEM=${ZQ_VM_MEM:-3072} ZQ_VM_TIMEOUT=${ZQ_VM_TIMEOUT:-1800} \
-		"$root/test/e2e/vm.sh" -- "$root/scripts/bench-db.sh" --guest
+		"$root/test/e2e/vm.sh" -- "$root/scripts/bench-db.sh" --guest "${runs[@]}"
 	exit 0
 fi
 
@@ -106,11 +121,9 @@ on_nullblk() {
 	rmdir "$nb"
 }
 
-for run in "btrfs rocksdb" "f2fs rocksdb" "btrfs postgres"; do
-	# shellcheck disable=SC2086
-	on_zqcsi $run
-	# shellcheck disable=SC2086
-	on_nullblk $run
+for run in "${runs[@]}"; do
+	on_zqcsi "${run%%:*}" "${run#*:}"
+	on_nullblk "${run%%:*}" "${run#*:}"
 done
 
 echo "== zq-csi / null_blk (same geometry, same guest)"

@@ -18,7 +18,7 @@ all=(
 	"interop|qemu-img, qemu-io, qemu-nbd and libnbd against zq-csi|~15 s"
 	"deploy-check|Helm chart and manifests on a real kube-apiserver|~10 s warm; ~10 min cold (tools built once)"
 	"e2e|VM harness: ublk and nbd attach, zoned workloads, csi-sanity, Filesystem volumes, databases, a power cut, fio's zoned suite|~14-18 min; a minute or two more cold (kernel, csi-sanity)"
-	"e2e-k8s|a Kubernetes node in the VM harness: the chart, PVCs in pods, restarts, the storage e2e suite|~12 min warm; ~18 min cold (node tools, e2e.test)"
+	"e2e-k8s|a Kubernetes node in the VM harness: the chart, PVCs in pods, restarts, the storage e2e suite|~16 min warm; ~22 min cold (node tools, e2e.test)"
 )
 want=("$@")
 

@@ -17,12 +17,13 @@ keep=$'^$'
 skip=$(grep -v -e '^#' -e '^$' "$reasons" | grep -v -e "$keep" | cut -f1 | paste -sd '|')
 # the suite's specs for this driver (the binary holds a few others)
 scope='External Storage \[Driver: zq-csi.io\]'
-# ZQ_KUBE_E2E_FOCUS=REGEX: only the specs of this driver that match it
+# ZQ_KUBE_E2E_FOCUS=REGEX: only the specs of this driver that match it;
+# ZQ_KUBE_E2E_TIMEOUT: the whole suite's limit (a Go duration, 4h)
 focus=$scope
 [[ -n ${ZQ_KUBE_E2E_FOCUS:-} ]] && focus="$scope.*(${ZQ_KUBE_E2E_FOCUS})"
 t0=$SECONDS
 e2e.test --kubeconfig "$KUBECONFIG" --storage.testdriver "$root/test/kube/e2e-driver.yaml" --repo-root "$root" \
-	--ginkgo.focus "$focus" --ginkgo.skip "$skip" --ginkgo.timeout 4h --ginkgo.no-color \
+	--ginkgo.focus "$focus" --ginkgo.skip "$skip" --ginkgo.timeout "${ZQ_KUBE_E2E_TIMEOUT:-4h}" --ginkgo.no-color \
 	--ginkgo.json-report "$e2e_logs/e2e-report.json" >"$e2e_logs/e2e.log" 2>&1 || true
 echo "# storage e2e: e2e.test ran for $((SECONDS - t0))s (its output: $e2e_logs/e2e.log in the guest)"
 if [[ -s $e2e_logs/e2e-report.json ]]; then
