@@ -68,9 +68,10 @@ set +e
 phase=$2 dir=$3
 sock=/tmp/csi.sock
 pgbin=/usr/lib/postgresql/15/bin
-# btrfs without an active-zone limit: with one, the kernel's btrfs (6.12)
-# aborts its transaction under fsync-heavy load (README, "Filesystem volumes")
-limits=(zone.max_open_zones=8 zone.max_active_zones=8)
+# f2fs's volume has an open/active zone limit, btrfs's none: under one, the
+# kernel's btrfs (6.12) aborts its transaction under fsync-heavy load
+# (README, "Filesystem volumes")
+f2fs_limits=(zone.max_open_zones=8 zone.max_active_zones=8)
 ctl() { "$dir/csictl" -endpoint "unix://$sock" "$@"; }
 as_pg() { runuser -u postgres -- "$@"; }
 pg_start() { as_pg "$pgbin/pg_ctl" -D /tmp/pg/data -l /tmp/pg.log -w -t 600 -o "-k /tmp -c listen_addresses= -c dynamic_shared_memory_type=mmap" start >/dev/null 2>&1; }
@@ -85,7 +86,7 @@ done
 if [[ $phase == write ]]; then
 	set -e # a failed step ends the boot: the host sees nothing acknowledged
 	pg=$(ctl -fstype btrfs create pvc-pg $((1 << 30)) zone.size=16Mi)
-	files=$(ctl -fstype f2fs create pvc-files $((1 << 30)) zone.size=16Mi "${limits[@]}" zone.conventional_zones=3)
+	files=$(ctl -fstype f2fs create pvc-files $((1 << 30)) zone.size=16Mi "${f2fs_limits[@]}" zone.conventional_zones=3)
 	echo "$pg $files" >"$dir/ids"
 	ctl -fstype btrfs stage "$pg" /tmp/pg-staging /tmp/pg
 	ctl -fstype f2fs stage "$files" /tmp/files-staging /tmp/files
