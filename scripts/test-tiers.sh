@@ -18,7 +18,7 @@ all=(
 	"interop|qemu-img, qemu-io, qemu-nbd and libnbd against zq-csi|~15 s"
 	"deploy-check|Helm chart and manifests on a real kube-apiserver|~10 s warm; ~10 min cold (tools built once)"
 	"e2e|VM harness: ublk and nbd attach, zoned workloads, csi-sanity, Filesystem volumes, databases, a power cut, fio's zoned suite|~14-18 min; a minute or two more cold (kernel, csi-sanity)"
-	"e2e-k8s|a Kubernetes node in the VM harness: the chart, PVCs in pods, restarts, the storage e2e suite|~16 min warm; ~22 min cold (node tools, e2e.test)"
+	"e2e-k8s|a Kubernetes node in the VM harness: the chart, PVCs in pods, restarts, the storage e2e suite|~20 min warm; ~30 min cold (node tools, e2e.test)"
 )
 want=("$@")
 
@@ -34,7 +34,7 @@ if ((${#selected[@]} == 0)); then
 	exit 2
 fi
 
-echo "make test: ${#selected[@]} tier(s). Measured on 2 cores (README, Testing): all seven take about 30 minutes"
+echo "make test: ${#selected[@]} tier(s). Measured on 2 cores (README, Testing): all seven take about 35 minutes"
 echo "with warm caches on a quiet machine, and about 50 minutes cold (tools, kernel and modules"
 echo "fetched and built)."
 names=() results=() times=()
