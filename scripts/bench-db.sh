@@ -9,8 +9,8 @@
 # some of them to run those only.
 # The geometry is the database tests' (1 GiB, 16 MiB zones, 3 of them
 # conventional; 8 open/active zones under f2fs, no limit under btrfs, whose
-# transactions abort under an active-zone limit on the guest's kernel); RocksDB's db_bench on btrfs and on f2fs,
-# PostgreSQL's pgbench on btrfs. Prints one line per workload and device
+# transactions abort under an active-zone limit on the guest's kernel);
+# RocksDB's db_bench on btrfs and on f2fs, PostgreSQL's pgbench on btrfs. Prints one line per workload and device
 # and a table of zq-csi/null_blk. Under TCG the absolute numbers are low;
 # compare the ratios.
 set -euo pipefail
@@ -22,9 +22,9 @@ runs=("$@")
 ((${#runs[@]})) || runs=(btrfs:rocksdb f2fs:rocksdb btrfs:postgres)
 for run in "${runs[@]}"; do
 	case $run in
-	btrfs:rocksdb | f2fs:rocksdb | btrfs:postgres | f2fs:postgres) ;;
+	btrfs:rocksdb | f2fs:rocksdb | btrfs:postgres) ;;
 	*)
-		echo "bench-db: unknown run $run (FS:WORKLOAD, FS btrfs or f2fs, WORKLOAD rocksdb or postgres)" >&2
+		echo "bench-db: unknown run $run (btrfs:rocksdb, f2fs:rocksdb or btrfs:postgres)" >&2
 		exit 2
 		;;
 	esac
