@@ -28,6 +28,7 @@ FAIL=0
 # the databases' own logs, outside DIR: they must outlive a filesystem
 # that failed
 logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
 ok() { echo "ok - $*"; }
 not_ok() {
 	echo "not ok - $*"
@@ -160,5 +161,4 @@ postgres) postgres ;;
 	;;
 esac
 ((FAIL == 0)) || diagnose
-rm -rf "$logs"
 ((FAIL == 0))
