@@ -102,3 +102,44 @@ func BenchmarkAppend64KiB16Writers(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkWrite4KiBFaultModes is what fault injection costs a write: none
+// in force, a rule that selects other requests, and a volatile cache (a
+// sequential write pays only its gate).
+func BenchmarkWrite4KiBFaultModes(b *testing.B) {
+	modes := []struct {
+		name  string
+		setup func(*Device) error
+	}{
+		{"none", func(*Device) error { return nil }},
+		{"unmatched-rule", func(d *Device) error { _, err := d.AddFault(Fault{Action: Fail, Op: OpRead}); return err }},
+		{"volatile-cache", func(d *Device) error { d.SetVolatileCache(); return nil }},
+	}
+	for _, m := range modes {
+		b.Run(m.name, func(b *testing.B) {
+			d, err := New(&plainStore{data: make([]byte, benchGeometry.Size)}, benchGeometry, initialWPs(benchGeometry))
+			if err == nil {
+				err = m.setup(d)
+			}
+			if err != nil {
+				b.Fatal(err)
+			}
+			p := make([]byte, 4096)
+			b.SetBytes(int64(len(p)))
+			b.ReportAllocs()
+			off := int64(0)
+			for b.Loop() {
+				if off == benchGeometry.Size {
+					if err := d.ResetAll(); err != nil {
+						b.Fatal(err)
+					}
+					off = 0
+				}
+				if _, err := d.WriteAt(p, off); err != nil {
+					b.Fatal(err)
+				}
+				off += int64(len(p))
+			}
+		})
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"syscall"
 )
 
 // Type is a zone's type, numbered as Linux's BLK_ZONE_TYPE_*.
@@ -31,7 +32,8 @@ func (t Type) String() string {
 // zcond qemu-io prints).
 type Condition uint8
 
-// Zone conditions. Read-only and offline are not modelled.
+// Zone conditions. Read-only and offline come only from injected faults
+// (fault.go).
 const (
 	NotWritePointer Condition = 0x0
 	Empty           Condition = 0x1
@@ -55,6 +57,10 @@ func (c Condition) String() string {
 		return "closed"
 	case Full:
 		return "full"
+	case ReadOnly:
+		return "read-only"
+	case Offline:
+		return "offline"
 	}
 	return fmt.Sprintf("Condition(%#x)", uint8(c))
 }
@@ -103,6 +109,9 @@ type zone struct {
 	wp int64
 	// recorded is the last value given to Store.SetWritePointer (or loaded).
 	recorded int64
+	// flushed is, with a volatile cache, the recorded value the Store
+	// last made durable: where a power cut takes the write pointer back.
+	flushed int64
 	// pending holds the reservations in start order, from the lowest one
 	// still in flight; completed ones wait there until those below finish.
 	pending  []*reservation
@@ -137,6 +146,8 @@ type Device struct {
 	lru                 list.List
 	inflight            int
 	flushErrs           int
+	fault               faults
+	vc                  *volatileCache // nil: writes are durable as the Store makes them
 }
 
 // New returns a Device over s. g is normalized (clamps applied silently: call
@@ -183,14 +194,7 @@ func New(s Store, g Geometry, writePointers []int64) (*Device, error) {
 		// device end; report it at the zone end like any finished zone.
 		wp = min(wp, z.start+z.length)
 		z.wp, z.recorded = wp, wp
-		switch {
-		case wp == z.start:
-			z.cond = Empty
-		case wp >= z.capEnd:
-			z.cond = Full
-		default:
-			d.setCond(z, Closed)
-		}
+		d.setCond(z, d.condAt(z))
 	}
 	return d, nil
 }
@@ -247,7 +251,13 @@ func (d *Device) sequential(i int) bool { return i >= d.g.ConventionalZones }
 
 // ReadAt reads p at off. Bytes of sequential zones at or past the write
 // pointer, and bytes of writes still in flight or failed, read as zeros.
+// A read reaching an offline zone fails.
 func (d *Device) ReadAt(p []byte, off int64) (int, error) {
+	if in := d.inject(OpRead, "read", off, int64(len(p))); in.err != nil {
+		return 0, in.err
+	}
+	d.enter()
+	defer d.leave()
 	n := int64(len(p))
 	if off < 0 || off > d.g.Size || n > d.g.Size-off {
 		return 0, fmt.Errorf("read at %#x+%#x, device size %#x: %w", off, n, d.g.Size, ErrOutOfRange)
@@ -269,6 +279,10 @@ func (d *Device) ReadAt(p []byte, off int64) (int, error) {
 		d.mu.Lock()
 		for i := max(d.g.ZoneIndex(off), d.g.ConventionalZones); i <= last; i++ {
 			z := &d.zones[i]
+			if err := condErr(z.cond, false); err != nil {
+				d.mu.Unlock()
+				return 0, fmt.Errorf("zone %d: read at %#x+%#x: %w", i, off, n, err)
+			}
 			for _, r := range z.pending {
 				if !r.done || r.failed {
 					add(r.start, r.end)
@@ -311,13 +325,39 @@ func (d *Device) ReadAt(p []byte, off int64) (int, error) {
 // refused write nothing is written and no state changes; on a failed data
 // write see the failure rule in the package documentation.
 func (d *Device) WriteAt(p []byte, off int64) (int, error) {
+	in := d.inject(OpWrite, "write", off, int64(len(p)))
+	if in.err != nil {
+		if in.partial == 0 {
+			return 0, in.err
+		}
+		p = p[:min(in.partial, int64(len(p)))]
+	}
+	d.enter()
+	m, err := d.writeAt(p, off)
+	d.leave()
+	return m, d.after(in, err)
+}
+
+// after finishes a request the fault rules touched: a partial write's
+// injected error once its bytes landed, a power cut once it completed.
+func (d *Device) after(in injection, err error) error {
+	if in.powerCut {
+		d.cutPower()
+	}
+	if err == nil {
+		err = in.err
+	}
+	return err
+}
+
+func (d *Device) writeAt(p []byte, off int64) (int, error) {
 	n := int64(len(p))
 	i, sequential, err := d.checkWrite(off, n)
 	if err != nil || n == 0 {
 		return 0, err
 	}
 	if !sequential {
-		m, err := d.s.WriteAt(p, off)
+		m, err := d.writeConventional(p, off)
 		if err != nil {
 			err = fmt.Errorf("write at %#x+%#x: %w", off, n, err)
 		}
@@ -366,18 +406,36 @@ func (d *Device) checkWrite(off, n int64) (zone int, sequential bool, err error)
 // request the device refuses changes nothing however long it is. The data
 // goes to the store in pieces of at most writeFromChunk bytes.
 func (d *Device) WriteFrom(r io.Reader, off, n int64) error {
+	in := d.inject(OpWrite, "write", off, n)
+	if in.err != nil {
+		if in.partial == 0 {
+			return in.err
+		}
+		n = min(in.partial, n)
+	}
+	d.enter()
+	err := d.writeFrom(r, off, n)
+	d.leave()
+	return d.after(in, err)
+}
+
+func (d *Device) writeFrom(r io.Reader, off, n int64) error {
 	i, sequential, err := d.checkWrite(off, n)
 	if err != nil || n == 0 {
 		return err
 	}
 	buf := make([]byte, min(n, writeFromChunk))
+	write := d.s.WriteAt
+	if !sequential {
+		write = d.writeConventional
+	}
 	pieces := func() error {
 		for done := int64(0); done < n; {
 			p := buf[:min(n-done, int64(len(buf)))]
 			if _, err := io.ReadFull(r, p); err != nil {
 				return fmt.Errorf("write at %#x: reading the data: %w", off+done, err)
 			}
-			m, err := d.s.WriteAt(p, off+done)
+			m, err := write(p, off+done)
 			if err == nil && m != len(p) {
 				err = io.ErrShortWrite
 			}
@@ -413,8 +471,21 @@ func (d *Device) Append(p []byte, zoneStart int64) (int64, error) {
 	if err := d.CheckAppend(zoneStart, n); err != nil {
 		return 0, err
 	}
-	i := d.g.ZoneIndex(zoneStart)
-	r, err := d.reserve(i, -1, n, "append")
+	in := d.inject(OpWrite, "append", zoneStart, n)
+	if in.err != nil {
+		if in.partial == 0 {
+			return 0, in.err
+		}
+		p = p[:min(in.partial, n)]
+	}
+	d.enter()
+	at, err := d.appendAt(p, d.g.ZoneIndex(zoneStart))
+	d.leave()
+	return at, d.after(in, err)
+}
+
+func (d *Device) appendAt(p []byte, i int) (int64, error) {
+	r, err := d.reserve(i, -1, int64(len(p)), "append")
 	if err != nil {
 		return 0, err
 	}
@@ -456,6 +527,9 @@ func (d *Device) reserve(i int, off, n int64, what string) (*reservation, error)
 	}
 	if off < 0 {
 		off = z.wp
+	}
+	if err := condErr(z.cond, true); err != nil {
+		return nil, fmt.Errorf("zone %d: %s at %#x: %w", i, what, off, err)
 	}
 	switch {
 	case z.failed != nil:
@@ -581,6 +655,16 @@ func (d *Device) fail(i int, z *zone, cause error, at int64) {
 // the same zone are waited for, since the zone's recorded write pointer
 // cannot pass them; other writes in flight are not.
 func (d *Device) Flush() error {
+	in := d.inject(OpFlush, "flush", 0, 0)
+	switch {
+	case in.err != nil:
+		return in.err
+	case in.powerCut:
+		d.cutPower()
+		return fmt.Errorf("flush: the power was cut instead: %w (%w)", ErrInjected, syscall.EIO)
+	}
+	d.enter()
+	defer d.leave()
 	d.mu.Lock()
 	if d.inflight > 0 {
 		type wait struct {
@@ -624,7 +708,7 @@ func (d *Device) Flush() error {
 		d.flushErrs = 0
 	}
 	d.mu.Unlock()
-	if err := d.s.Flush(); err != nil {
+	if err := d.flushStore(); err != nil {
 		errs = append([]error{fmt.Errorf("flush: %w", err)}, errs...)
 	}
 	return errors.Join(errs...)
@@ -642,13 +726,13 @@ func (z *zone) holdsBack(upTo int64) bool {
 
 // Open explicitly opens the zones in [off, off+length).
 func (d *Device) Open(off, length int64) error {
-	return d.manage("open", off, length, d.openZone)
+	return d.zoneOp("open", off, length, func() error { return d.manage("open", off, length, d.openZone) })
 }
 
 // Close closes the open zones in [off, off+length); one with nothing written
 // becomes empty.
 func (d *Device) Close(off, length int64) error {
-	return d.manage("close", off, length, d.closeZone)
+	return d.zoneOp("close", off, length, func() error { return d.manage("close", off, length, d.closeZone) })
 }
 
 // Finish moves the zones in [off, off+length) to full.
@@ -657,26 +741,45 @@ func (d *Device) Finish(off, length int64) error {
 	if err != nil {
 		return err
 	}
-	for i := first; i < end; i++ {
-		if err := d.finishZone(i); err != nil {
-			return err
+	return d.zoneOp("finish", off, length, func() error {
+		for i := first; i < end; i++ {
+			if err := d.finishZone(i); err != nil {
+				return err
+			}
 		}
+		return nil
+	})
+}
+
+// zoneOp runs zone operation f as a request the fault rules see.
+func (d *Device) zoneOp(what string, off, length int64, f func() error) error {
+	in := d.inject(OpZoneManagement, "zone "+what, off, length)
+	if in.err != nil {
+		return in.err
 	}
-	return nil
+	d.enter()
+	err := f()
+	d.leave()
+	return d.after(in, err)
 }
 
 // Reset resets the zones in [off, off+length) to empty; their data reads as
-// zeros afterwards. Offset 0 and length Size reset every sequential zone.
+// zeros afterwards. Offset 0 and length Size reset every sequential zone
+// (as ResetAll).
 func (d *Device) Reset(off, length int64) error {
 	first, end, err := d.zoneRange("reset", off, length, true)
 	if err != nil {
 		return err
 	}
-	return d.reset(first, end)
+	all := off == 0 && length == d.g.Size
+	return d.zoneOp("reset", off, length, func() error { return d.reset(first, end, all) })
 }
 
-// ResetAll resets every sequential zone.
-func (d *Device) ResetAll() error { return d.reset(d.g.ConventionalZones, len(d.zones)) }
+// ResetAll resets every sequential zone in service (not read-only or
+// offline, which it skips, as ZBC's reset-all does).
+func (d *Device) ResetAll() error {
+	return d.zoneOp("reset", 0, d.g.Size, func() error { return d.reset(d.g.ConventionalZones, len(d.zones), true) })
+}
 
 // zoneRange checks a management operation's range and returns its zones,
 // [first, end). With whole, the entire device means its sequential zones.
@@ -714,7 +817,11 @@ func (d *Device) manage(op string, off, length int64, f func(int) error) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for i := first; i < end; i++ {
-		if err := f(i); err != nil {
+		err := condErr(d.zones[i].cond, true)
+		if err == nil {
+			err = f(i)
+		}
+		if err != nil {
 			return fmt.Errorf("zone %d: %s: %w", i, op, err)
 		}
 	}
@@ -763,6 +870,9 @@ func (d *Device) finishZone(i int) error {
 	for z.inflight > 0 {
 		d.cond.Wait()
 	}
+	if err := condErr(z.cond, true); err != nil {
+		return fmt.Errorf("zone %d: finish: %w", i, err)
+	}
 	if z.cond == Full {
 		return nil
 	}
@@ -803,7 +913,10 @@ func (d *Device) release(z *zone) {
 	d.cond.Broadcast()
 }
 
-func (d *Device) reset(first, end int) error {
+// reset resets zones [first, end); with all (a reset of the whole device)
+// it skips zones out of service, else one of them fails the reset before
+// anything changes.
+func (d *Device) reset(first, end int, all bool) error {
 	d.mu.Lock()
 	// Take the zones in ascending order so that overlapping resets and
 	// finishes cannot wait on each other in a circle.
@@ -820,8 +933,20 @@ func (d *Device) reset(first, end int) error {
 		}
 	}
 	var todo []int
+	for i := first; i < end && !all; i++ {
+		if err := condErr(d.zones[i].cond, true); err != nil {
+			for k := first; k < end; k++ {
+				d.release(&d.zones[k])
+			}
+			d.mu.Unlock()
+			return fmt.Errorf("zone %d: reset: %w", i, err)
+		}
+	}
 	for i := first; i < end; i++ {
 		z := &d.zones[i]
+		if condErr(z.cond, true) != nil {
+			continue
+		}
 		if z.wp != z.start || z.recorded != z.start || z.failed != nil {
 			todo = append(todo, i)
 		}
@@ -851,7 +976,7 @@ func (d *Device) reset(first, end int) error {
 	d.mu.Unlock()
 
 	if err == nil && len(todo) > 0 {
-		if err = d.s.Flush(); err != nil {
+		if err = d.flushStore(); err != nil {
 			err = fmt.Errorf("reset: flush: %w", err)
 		}
 	}

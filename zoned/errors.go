@@ -52,8 +52,9 @@ var (
 // server's result turns back into the same block status in the kernel. (QEMU
 // returns EBUSY for an explicit open or finish without an active slot; over
 // ublk EBUSY would become BLK_STS_DEV_RESOURCE, which the block layer retries
-// forever, so it is EOVERFLOW here too.) Operations on conventional zones and
-// failed zones are EIO, as Linux reports them. Requests past the end are
+// forever, so it is EOVERFLOW here too.) Operations on conventional zones,
+// failed zones and zones an injected fault made read-only or offline are
+// EIO, as Linux reports them; an injected error carries its own errno. Requests past the end are
 // EINVAL, except writes, which NBD wants as ENOSPC. Anything else keeps a
 // syscall.Errno found in its chain (a full host disk stays ENOSPC) or is EIO.
 func Errno(err error) syscall.Errno {
@@ -65,7 +66,8 @@ func Errno(err error) syscall.Errno {
 		return syscall.ETOOMANYREFS
 	case errors.Is(err, ErrActiveResources):
 		return syscall.EOVERFLOW
-	case errors.Is(err, ErrConventionalZone), errors.Is(err, ErrZoneFailed):
+	case errors.Is(err, ErrConventionalZone), errors.Is(err, ErrZoneFailed),
+		errors.Is(err, ErrZoneReadOnly), errors.Is(err, ErrZoneOffline):
 		return syscall.EIO
 	case errors.Is(err, ErrWritePastEnd):
 		return syscall.ENOSPC
@@ -76,6 +78,7 @@ func Errno(err error) syscall.Errno {
 		errors.Is(err, ErrCrossesZone),
 		errors.Is(err, ErrAppendTooLarge),
 		errors.Is(err, ErrInvalidGeometry),
+		errors.Is(err, ErrInvalidFault),
 		errors.Is(err, ErrInvalidWritePointer):
 		return syscall.EINVAL
 	}

@@ -160,7 +160,8 @@ func (s *memStore) SetWritePointer(zone int, wp int64) error {
 		for sec := start / SectorSize; sec < (start+s.g.zoneLength(zone))/SectorSize; sec++ {
 			s.settled[sec] = false
 		}
-	case wp < s.wps[zone]:
+	case wp < s.wps[zone] && wp != s.durableWPs[zone]:
+		// Back to the durable value is a power cut's undo; lower is not.
 		s.violations = append(s.violations, fmt.Sprintf("zone %d: write pointer moved back from %#x to %#x", zone, s.wps[zone], wp))
 	}
 	// Past the capacity nothing is ever written; finish records the zone end.
