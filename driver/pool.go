@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/zq-csi/zq-csi/image"
+	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
 
@@ -88,13 +89,12 @@ func (p pool) lookup(id string) (*volumeMeta, error) {
 func (p pool) save(m *volumeMeta) error { return writeJSON(p.metaPath(m.ID), m) }
 
 // remove deletes a volume: its metadata first (from then on it does not
-// exist), then the image.
+// exist), then the image and the zone conditions kept beside it.
 func (p pool) remove(id string) error {
-	if err := os.Remove(p.metaPath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	if err := os.Remove(p.imagePath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
+	for _, path := range []string{p.metaPath(id), p.imagePath(id), volume.ConditionsPath(p.imagePath(id))} {
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
 	}
 	return syncDir(p.dir)
 }

@@ -20,7 +20,7 @@ type Volume struct {
 }
 
 // Open opens the image at path with opts and, if it is zoned, its zone
-// model. A zoned image is validated read-only first: image.Open accepts
+// model with the zone conditions injected faults left (conditions.go). A zoned image is validated read-only first: image.Open accepts
 // some geometries that the zone model refuses (volume.OpenZones), and a
 // read-write image rewrites on close what it normalized on open (a
 // big-endian write-pointer table, for one), so a bad image is refused
@@ -32,7 +32,11 @@ func Open(path string, opts image.OpenOptions) (*Volume, error) {
 	}
 	_, isZoned := img.Zones()
 	if isZoned {
-		if _, err := OpenZones(img); err != nil {
+		dev, err := OpenZones(img)
+		if err == nil {
+			err = loadConditions(path, dev)
+		}
+		if err != nil {
 			img.Close()
 			return nil, fmt.Errorf("zoned image: %w", err)
 		}
@@ -49,11 +53,26 @@ func Open(path string, opts image.OpenOptions) (*Volume, error) {
 		return &Volume{Backend: Plain{Img: img}, Path: path, Img: img}, nil
 	}
 	dev, err := OpenZones(img)
+	if err == nil {
+		err = loadConditions(path, dev)
+	}
 	if err != nil {
 		img.Close()
 		return nil, fmt.Errorf("zoned image: %w", err)
 	}
-	return &Volume{Backend: &Zoned{Img: img, Dev: dev}, Path: path, Img: img}, nil
+	return &Volume{Backend: &Zoned{Img: img, Dev: dev, path: path}, Path: path, Img: img}, nil
+}
+
+// SetVolatileCache gives a zoned volume a volatile write cache
+// (zoned.Device.SetVolatileCache), which power cuts need. Call it before
+// the volume serves.
+func (v *Volume) SetVolatileCache() error {
+	z, ok := v.Backend.(*Zoned)
+	if !ok {
+		return ErrNotZoned
+	}
+	z.Dev.SetVolatileCache()
+	return nil
 }
 
 // Tag identifies the image at path for the kernel frontends, which keep it

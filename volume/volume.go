@@ -142,6 +142,9 @@ func imageErrno(err error) syscall.Errno {
 type Zoned struct {
 	Img *image.Image
 	Dev *zoned.Device
+	// path is the image file, beside which SetCondition keeps the zone
+	// conditions faults injected (conditions.go); "" keeps them in memory.
+	path string
 	// replayBelow, set by AcceptReplays, is per zone the write pointer
 	// below which a resent write is accepted; -1 once the zone changed.
 	replayBelow []atomic.Int64
@@ -317,7 +320,7 @@ func (b *Zoned) Trim(off, length int64) error {
 		}
 	}
 	if off < ce {
-		if err := b.Img.Discard(off, min(end, ce)-off); err != nil {
+		if err := b.Dev.ZeroConventional(off, min(end, ce)-off, b.Img.Discard); err != nil {
 			return err
 		}
 	}
@@ -330,7 +333,7 @@ func (b *Zoned) Trim(off, length int64) error {
 
 func (b *Zoned) WriteZeroes(off, length int64, noHole, fast bool) error {
 	if ce := b.convEnd(); off+length <= ce {
-		return b.Img.WriteZeroes(off, length, !noHole)
+		return b.Dev.ZeroConventional(off, length, func(off, n int64) error { return b.Img.WriteZeroes(off, n, !noHole) })
 	}
 	if fast {
 		return fmt.Errorf("write zeroes at %#x: a sequential zone takes only written zeros: %w", off, syscall.ENOTSUP)

@@ -74,24 +74,35 @@ func (d *Device) leave() {
 
 // writeConventional writes p at off in the conventional zones, keeping the
 // pre-image of the blocks it changes first when the cache is volatile.
-func (d *Device) writeConventional(p []byte, off int64) (int, error) {
+func (d *Device) writeConventional(p []byte, off int64) (n int, err error) {
+	err = d.keepConventional(off, int64(len(p)), func() error {
+		n, err = d.s.WriteAt(p, off)
+		return err
+	})
+	return n, err
+}
+
+// keepConventional runs change, which alters [off, off+n) of the
+// conventional zones, keeping first (with a volatile cache) the pre-image
+// of the blocks not yet kept since the last flush.
+func (d *Device) keepConventional(off, n int64, change func() error) error {
 	if d.vc == nil {
-		return d.s.WriteAt(p, off)
+		return change()
 	}
 	d.vc.mu.Lock()
 	defer d.vc.mu.Unlock()
 	convEnd := min(int64(d.g.ConventionalZones)*d.g.ZoneSize, d.g.Size)
-	for b := off / undoBlock; b*undoBlock < off+int64(len(p)); b++ {
+	for b := off / undoBlock; b*undoBlock < off+n; b++ {
 		if _, ok := d.vc.saved[b]; ok {
 			continue
 		}
 		old := make([]byte, min(undoBlock, convEnd-b*undoBlock))
 		if _, err := d.s.ReadAt(old, b*undoBlock); err != nil {
-			return 0, fmt.Errorf("volatile cache: keep block at %#x: %w", b*undoBlock, err)
+			return fmt.Errorf("volatile cache: keep block at %#x: %w", b*undoBlock, err)
 		}
 		d.vc.saved[b] = old
 	}
-	return d.s.WriteAt(p, off)
+	return change()
 }
 
 // flushStore flushes the Store; with a volatile cache, what it made durable
@@ -199,4 +210,23 @@ func (d *Device) PowerCut() (PowerCutReport, error) {
 		errs = append(errs, fmt.Errorf("power cut: flush: %w", err))
 	}
 	return rep, errors.Join(errs...)
+}
+
+// ZeroConventional makes [off, off+n), which must lie in the conventional
+// zones, read as zeros by calling zero (the Store owner's own way: a
+// discard, or zeros written in place) as a write the fault rules and the
+// volatile cache see.
+func (d *Device) ZeroConventional(off, n int64, zero func(off, n int64) error) error {
+	convEnd := min(int64(d.g.ConventionalZones)*d.g.ZoneSize, d.g.Size)
+	if off < 0 || n < 0 || off+n > convEnd {
+		return fmt.Errorf("zero at %#x+%#x: conventional zones end at %#x: %w", off, n, convEnd, ErrOutOfRange)
+	}
+	in := d.inject(OpWrite, "write zeroes", off, n)
+	if in.err != nil {
+		return in.err // a partial zeroing would be a discard that half happened: none of it lands
+	}
+	d.enter()
+	err := d.keepConventional(off, n, func() error { return zero(off, n) })
+	d.leave()
+	return d.after(in, err)
 }
