@@ -29,10 +29,10 @@ func TestReadOnlyZoneReadsButRefusesEveryChange(t *testing.T) {
 		"zeros": func() error {
 			return d.WriteFrom(bytes.NewReader(make([]byte, 512)), 2*zs+1024, 512)
 		},
-		"open":   func() error { return d.Open(2*zs, zs) },
-		"close":  func() error { return d.Close(2*zs, zs) },
-		"finish": func() error { return d.Finish(2*zs, zs) },
-		"reset":  func() error { return d.Reset(2*zs, zs) },
+		"open":                     func() error { return d.Open(2*zs, zs) },
+		"close":                    func() error { return d.Close(2*zs, zs) },
+		"finish":                   func() error { return d.Finish(2*zs, zs) },
+		"reset":                    func() error { return d.Reset(2*zs, zs) },
 		"reset of a range over it": func() error { return d.Reset(zs, 3*zs) },
 	}
 	for name, change := range changes {

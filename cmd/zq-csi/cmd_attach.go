@@ -30,14 +30,16 @@ func attachUsage(w io.Writer) {
 	fmt.Fprintf(w, `Usage: zq-csi attach [--frontend ublk|nbd] [--read-only] [--block-size 512|4096]
                      [--queues N] [--queue-depth N]
                      [--connections N] [--timeout SEC] [--dead-conn-timeout SEC] [--device /dev/nbdN]
-                     [--recover /dev/ublkbN|/dev/nbdN] [--cpu-profile OUT] FILE
+                     [--recover /dev/ublkbN|/dev/nbdN] [--cpu-profile OUT]
+                     [--fault-socket PATH] [--volatile-cache] [--faults F] FILE
 
 Attach FILE (a qcow2 image, zoned or not) to the kernel as a block device
 served by this process, print the device path and serve it in the
 foreground (the command does not daemonize: background it yourself) until
 SIGTERM or SIGINT, which sync and remove the device, flush and close the
 image and exit 0, or until the device is removed (zq-csi detach). Nothing
-listens on the network or the filesystem. Needs root (CAP_SYS_ADMIN).
+listens on the network, nor on the filesystem unless --fault-socket asks.
+Needs root (CAP_SYS_ADMIN).
 
 Frontends (the kernel driver the device is served through):
   ublk  /dev/ublkbN (ublk_drv module). A zoned image becomes a host-managed
@@ -73,7 +75,7 @@ nbd:
 diagnostics:
   --cpu-profile OUT      write a CPU profile of the server to OUT (go tool pprof), from the
                          moment the device exists until it is removed
-`)
+`+faultFlagsUsage)
 }
 
 func detachUsage(w io.Writer) {
@@ -100,6 +102,7 @@ func runAttach(e *env, args []string) int {
 	queues := fs.Int("queues", 0, "ublk queues")
 	depth := fs.Int("queue-depth", 0, "ublk queue depth")
 	cpuProfile := fs.String("cpu-profile", "", "CPU profile output")
+	faults := addFaultFlags(fs)
 	operands, err := parseInterspersed(fs, args)
 	if errors.Is(err, flag.ErrHelp) {
 		attachUsage(e.stdout)
@@ -142,6 +145,8 @@ func runAttach(e *env, args []string) int {
 		err = usagef("--dead-conn-timeout %d: must be 0 or more", *deadConn)
 	case *device != "" && *recoverDev != "":
 		err = usagef("--device and --recover exclude each other")
+	default:
+		err = faults.check()
 	}
 	if err != nil {
 		return e.fail(err, attachUsage)
@@ -161,6 +166,12 @@ func runAttach(e *env, args []string) int {
 	}
 	if n := vol.Img.Info().JournalReplayed; n > 0 {
 		e.errorf("attach: %s: replayed %d journal batches left by a process that died", operands[0], n)
+	}
+	stopFaults, err := faults.start(e, vol)
+	defer stopFaults()
+	if err != nil {
+		vol.Close()
+		return e.fail(err, nil)
 	}
 	// This process is in the writeback path of the device it serves: under
 	// memory pressure the kernel must not make it wait for that writeback.

@@ -25,7 +25,8 @@ import (
 )
 
 func exportUsage(w io.Writer) {
-	fmt.Fprintf(w, `Usage: zq-csi export [--socket PATH | --tcp HOST:PORT] [--name NAME] [--read-only] [--shared N] FILE
+	fmt.Fprintf(w, `Usage: zq-csi export [--socket PATH | --tcp HOST:PORT] [--name NAME] [--read-only] [--shared N]
+                     [--fault-socket PATH] [--volatile-cache] [--faults F] FILE
 
 Serve FILE (a qcow2 image, zoned or not) over NBD, like qemu-nbd, until
 SIGTERM or SIGINT. It listens on a unix socket unless --tcp is given, and
@@ -37,7 +38,7 @@ prints the NBD URI of the export on start.
   --name NAME      export name (default "", as qemu-nbd)
   --read-only      refuse writes
   --shared N       serve at most N connections at once (0: no limit, the default)
-`)
+`+faultFlagsUsage)
 }
 
 func runExport(e *env, args []string) int {
@@ -47,6 +48,7 @@ func runExport(e *env, args []string) int {
 	name := fs.String("name", "", "export name")
 	readOnly := fs.Bool("read-only", false, "refuse writes")
 	shared := fs.Int("shared", 0, "maximum connections")
+	faults := addFaultFlags(fs)
 	operands, err := parseInterspersed(fs, args)
 	if errors.Is(err, flag.ErrHelp) {
 		exportUsage(e.stdout)
@@ -60,6 +62,8 @@ func runExport(e *env, args []string) int {
 		err = usagef("--socket and --tcp exclude each other")
 	case *shared < 0:
 		err = usagef("--shared %d: must be 0 (no limit) or more", *shared)
+	default:
+		err = faults.check()
 	}
 	if err != nil {
 		return e.fail(err, exportUsage)
@@ -67,6 +71,12 @@ func runExport(e *env, args []string) int {
 
 	vol, err := openSession(operands[0], *readOnly)
 	if err != nil {
+		return e.fail(err, nil)
+	}
+	stopFaults, err := faults.start(e, vol)
+	defer stopFaults()
+	if err != nil {
+		vol.Close()
 		return e.fail(err, nil)
 	}
 	srv := &nbd.Server{

@@ -8,6 +8,7 @@
 //	zq-csi detach DEV                     remove an attached device
 //	zq-csi serve --endpoint unix:///PATH ...  the CSI plugin
 //	zq-csi probe [--endpoint unix:///PATH]    is the plugin ready (liveness)
+//	zq-csi fault list|add|remove|powercut ... faults in a live volume
 //
 // Exit codes: 0 success, 1 failure, 2 usage error; `image check` uses
 // qemu-img check's codes (see cmd_image.go).
@@ -41,6 +42,7 @@ var subcommands = []subcommand{
 	{"detach", "remove a device attached by attach", runDetach},
 	{"serve", "run the CSI plugin (identity, controller, node services)", runServe},
 	{"probe", "ask a running plugin whether it is ready (for a liveness probe)", runProbe},
+	{"fault", "inject faults into a live zoned volume (errors, delays, zone conditions, power cuts)", runFault},
 }
 
 // env is what a subcommand talks to: its output streams and its name for
