@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -57,6 +58,10 @@ type Config struct {
 	// Exec runs blkid and mkfs for Filesystem volumes; nil means the
 	// system's.
 	Exec utilexec.Interface
+	// Claims, if set, is where the node service reads its volumes'
+	// claims' FaultsAnnotation, every ClaimPoll (0: DefaultClaimPoll).
+	Claims    ClaimReader
+	ClaimPoll time.Duration
 }
 
 // Driver is the CSI plugin.
@@ -185,6 +190,9 @@ func (d *Driver) Serve(ctx context.Context, l net.Listener) error {
 	}
 	if d.node != nil {
 		csi.RegisterNodeServer(s, d)
+	}
+	if d.node != nil && d.cfg.Claims != nil {
+		go d.watchClaims(ctx, d.cfg.Claims, cmp.Or(d.cfg.ClaimPoll, DefaultClaimPoll))
 	}
 	stopped := make(chan struct{})
 	go func() {

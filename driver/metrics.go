@@ -8,7 +8,6 @@ import (
 	"strings"
 
 	"github.com/zq-csi/zq-csi/attach"
-	"github.com/zq-csi/zq-csi/zoned"
 )
 
 // MetricsHandler serves the plugin's metrics in the Prometheus text format
@@ -44,7 +43,7 @@ func (d *Driver) writeMetrics(w io.Writer) {
 	all := make([]stats, len(vols))
 	for i, v := range vols {
 		unlock := d.lock(v.ID) // not while a stage or unstage changes it
-		all[i] = volumeStats(v)
+		all[i] = d.volumeStats(v)
 		unlock()
 	}
 	metric("zq_csi_volumes_staged", "gauge", "Volumes staged on this node.")
@@ -63,11 +62,25 @@ func (d *Driver) writeMetrics(w io.Writer) {
 	}
 	metric("zq_csi_volume_zones", "gauge", "Sequential zones of the volume by condition.")
 	for i, v := range vols {
-		for _, c := range []zoned.Condition{zoned.Empty, zoned.ImplicitOpen, zoned.ExplicitOpen, zoned.Closed, zoned.Full} {
+		for _, c := range zoneConditions {
 			if all[i].zones != nil {
 				fmt.Fprintf(w, "zq_csi_volume_zones{%s,condition=%q} %d\n", labels(v), strings.ReplaceAll(c.String(), "-", "_"), all[i].zones[c])
 			}
 		}
+	}
+	metric("zq_csi_volume_fault_rules", "gauge", "Fault rules in force on the volume (zq-csi fault list).")
+	for i, v := range vols {
+		fmt.Fprintf(w, "zq_csi_volume_fault_rules{%s} %d\n", labels(v), len(all[i].faults.Rules))
+	}
+	metric("zq_csi_volume_fault_fired_total", "counter", "Requests a fault rule acted on, by rule.")
+	for i, v := range vols {
+		for _, r := range all[i].faults.Rules {
+			fmt.Fprintf(w, "zq_csi_volume_fault_fired_total{%s,rule=\"%d\",fault=%q,source=%q} %d\n", labels(v), r.ID, r.Fault, r.Source, r.Fired)
+		}
+	}
+	metric("zq_csi_volume_power_cuts_total", "counter", "Power cuts injected into the volume since it was opened.")
+	for i, v := range vols {
+		fmt.Fprintf(w, "zq_csi_volume_power_cuts_total{%s} %d\n", labels(v), all[i].faults.PowerCuts)
 	}
 	ublkStats := map[string]attach.Stats{}
 	for _, v := range vols {

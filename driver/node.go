@@ -18,6 +18,7 @@ import (
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
 
+	"github.com/zq-csi/zq-csi/faultctl"
 	"github.com/zq-csi/zq-csi/image"
 	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
@@ -41,10 +42,20 @@ type stagedVolume struct {
 	// FsType is the filesystem mounted at StagingPath (a Filesystem
 	// volume), or "" for a Block volume.
 	FsType string `json:"fsType,omitempty"`
+	// Faults and Volatile are the StorageClass's faults and cache=volatile,
+	// armed whenever the image is opened; Claim is the volume's claim,
+	// namespace/name, whose FaultsAnnotation the node applies.
+	Faults   string `json:"faults,omitempty"`
+	Volatile bool   `json:"volatile,omitempty"`
+	Claim    string `json:"claim,omitempty"`
 
 	vol *volume.Volume
 	dev Device
 	err error // why the volume is not being served (re-adoption failed)
+	// annotation is the claim's faults annotation last applied, and
+	// annotationErr why it was refused.
+	annotation    string
+	annotationErr error
 }
 
 // nodeState is the node service's volumes and where their records live.
@@ -54,13 +65,15 @@ type nodeState struct {
 	attacher Attacher
 	mounter  *mount.SafeFormatAndMount
 
+	faults *faultctl.Server
+
 	mu      sync.Mutex
 	volumes map[string]*stagedVolume
 }
 
 func newNodeState(stateDir, journals string, a Attacher, m *mount.SafeFormatAndMount) (*nodeState, error) {
 	n := &nodeState{dir: filepath.Join(stateDir, "volumes"), journals: journals,
-		attacher: a, mounter: m, volumes: map[string]*stagedVolume{}}
+		attacher: a, mounter: m, volumes: map[string]*stagedVolume{}, faults: faultctl.NewServer()}
 	if err := os.MkdirAll(n.dir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
@@ -184,9 +197,15 @@ func (d *Driver) takeBack(v *stagedVolume) error {
 			v.vol = nil
 			return v.err
 		}
+		if v.err = d.armFaults(v); v.err != nil {
+			v.vol.Close()
+			v.vol = nil
+			return v.err
+		}
 	}
 	dev, err := d.node.attacher.Recover(v.vol, v.Backend, v.Device)
 	if err != nil {
+		d.node.faults.Remove(v.ID)
 		v.vol.Close()
 		v.vol, v.err = nil, err
 		return err
@@ -286,18 +305,28 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 	}
 	// The record comes first, without a device: if the plugin dies during
 	// the attach, the next one finds the device by the image's tag.
-	v := &stagedVolume{ID: id, Image: path, Backend: backend, StagingPath: staging, Scheduler: m.Parameters[ParamScheduler], FsType: fstype}
+	v := &stagedVolume{ID: id, Image: path, Backend: backend, StagingPath: staging, Scheduler: m.Parameters[ParamScheduler], FsType: fstype,
+		Faults: m.Parameters[ParamFaults], Volatile: m.Parameters[ParamCache] == CacheVolatile, vol: vol}
+	if ns, name := m.Parameters[paramClaimNamespace], m.Parameters[paramClaimName]; ns != "" && name != "" {
+		v.Claim = ns + "/" + name
+	}
+	if err := d.armFaults(v); err != nil {
+		vol.Close()
+		return nil, statusf(codes.Internal, "NodeStageVolume %s: %v", id, err)
+	}
 	if err := writeJSON(d.node.recordPath(id), v); err != nil {
+		d.node.faults.Remove(id)
 		vol.Close()
 		return nil, statusf(codes.Internal, "NodeStageVolume %s: %v", id, err)
 	}
 	dev, err := d.node.attacher.Attach(vol, backend)
 	if err != nil {
+		d.node.faults.Remove(id)
 		vol.Close()
 		d.node.drop(id)
 		return nil, statusf(codes.Internal, "NodeStageVolume %s: attaching through %s: %v", id, backend, err)
 	}
-	v.Device, v.vol, v.dev = dev.Path(), vol, dev
+	v.Device, v.dev = dev.Path(), dev
 	code := codes.Internal
 	err = setScheduler(sysfsRoot, v.Device, v.Scheduler)
 	if err == nil && fstype != "" {
@@ -311,6 +340,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRe
 			unmountStaging(d.node.mounter, staging)
 		}
 		dev.Detach()
+		d.node.faults.Remove(id)
 		vol.Close()
 		d.node.drop(id)
 		return nil, statusf(code, "NodeStageVolume %s: %v", id, err)
@@ -354,6 +384,7 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	}
 	v.dev = nil
 	if v.vol != nil {
+		d.node.faults.Remove(id)
 		if err := v.vol.Close(); err != nil {
 			return nil, statusf(codes.Internal, "NodeUnstageVolume %s: closing the image: %v", id, err)
 		}
@@ -586,8 +617,8 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if _, err := os.Stat(path); err != nil {
 		return nil, statusf(codes.NotFound, "NodeGetVolumeStats %s: %v", id, err)
 	}
-	s := volumeStats(v)
-	resp := &csi.NodeGetVolumeStatsResponse{VolumeCondition: &csi.VolumeCondition{Abnormal: s.err != nil, Message: s.message()}}
+	s := d.volumeStats(v)
+	resp := &csi.NodeGetVolumeStatsResponse{VolumeCondition: &csi.VolumeCondition{Abnormal: s.abnormal(), Message: s.message()}}
 	switch {
 	case s.err != nil:
 	case v.FsType != "":
@@ -623,10 +654,20 @@ type stats struct {
 	capacity, written int64
 	zones             map[zoned.Condition]int // sequential zones by condition
 	err               error
+	// faults is what is injected; faultErr why the claim's annotation was
+	// refused.
+	faults   faultctl.VolumeStatus
+	faultErr error
 }
 
-func volumeStats(v *stagedVolume) stats {
-	s := stats{err: v.err}
+// zoneConditions are the conditions stats count, in report order.
+var zoneConditions = []zoned.Condition{zoned.Empty, zoned.ImplicitOpen, zoned.ExplicitOpen, zoned.Closed, zoned.Full, zoned.ReadOnly, zoned.Offline}
+
+func (d *Driver) volumeStats(v *stagedVolume) stats {
+	s := stats{err: v.err, faultErr: v.annotationErr}
+	if st, err := d.node.faults.Status(v.ID); err == nil {
+		s.faults = st
+	}
 	if s.err == nil && v.dev != nil {
 		s.err = v.dev.Err()
 	}
@@ -650,22 +691,36 @@ func volumeStats(v *stagedVolume) stats {
 			s.written += z.Length
 			continue
 		}
-		s.written += z.WritePointer - z.Start
+		if z.Cond != zoned.ReadOnly && z.Cond != zoned.Offline {
+			s.written += z.WritePointer - z.Start
+		}
 		s.zones[z.Cond]++
 	}
 	return s
 }
 
+// abnormal: the volume is not served, or faults are injected into it.
+func (s stats) abnormal() bool { return s.err != nil || s.faults.Active() || s.faultErr != nil }
+
 func (s stats) message() string {
 	if s.err != nil {
 		return s.err.Error()
 	}
+	msg := "healthy"
+	if s.faults.Active() {
+		msg = s.faults.Summary()
+	}
+	if s.faultErr != nil {
+		msg += fmt.Sprintf("; the claim's %s annotation was refused: %v", FaultsAnnotation, s.faultErr)
+	}
 	if s.zones == nil {
-		return "healthy"
+		return msg
 	}
 	var parts []string
-	for _, c := range []zoned.Condition{zoned.Empty, zoned.ImplicitOpen, zoned.ExplicitOpen, zoned.Closed, zoned.Full} {
-		parts = append(parts, fmt.Sprintf("%s %d", c, s.zones[c]))
+	for _, c := range zoneConditions {
+		if s.zones[c] > 0 || (c != zoned.ReadOnly && c != zoned.Offline) {
+			parts = append(parts, fmt.Sprintf("%s %d", c, s.zones[c]))
+		}
 	}
-	return "healthy; sequential zones: " + strings.Join(parts, ", ")
+	return msg + "; sequential zones: " + strings.Join(parts, ", ")
 }

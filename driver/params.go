@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/zq-csi/zq-csi/attach"
+	"github.com/zq-csi/zq-csi/faultctl"
 	"github.com/zq-csi/zq-csi/imageopt"
 	"github.com/zq-csi/zq-csi/zoned"
 )
@@ -34,12 +35,27 @@ const (
 	// the volume capability, is the current spelling. Either way,
 	// DefaultFsType when unset.
 	ParamFsType = "fsType"
+	// ParamFaults are faults in force from the moment the volume is staged
+	// (faultctl's syntax, joined with ";"): for a class of test volumes
+	// that start broken.
+	ParamFaults = "faults"
+	// ParamCache is the volume's write cache: CacheDurable (the default:
+	// a completed write is in the image file) or CacheVolatile (writes can
+	// be lost until flushed, as on a drive with its cache on, so that a
+	// power cut, injected, drops them).
+	ParamCache = "cache"
 	// paramIgnoredPrefix starts the keys external-provisioner adds
 	// (csi.storage.k8s.io/pvc/name, ...): not ours, ignored.
 	paramIgnoredPrefix = "csi.storage.k8s.io/"
 	// paramSize is an image option that a StorageClass may not set: the
 	// size comes from each claim's capacity request.
 	paramSize = "size"
+)
+
+// Values of ParamCache.
+const (
+	CacheDurable  = "durable"
+	CacheVolatile = "volatile"
 )
 
 // Schedulers are the values ParamScheduler takes: the schedulers that keep
@@ -65,11 +81,14 @@ type VolumeParams struct {
 	Attach    string              // AttachUBLK (default) or AttachNBD
 	Scheduler string              // one of Schedulers, or "" for the kernel's choice
 	FsType    string              // ParamFsType: one of Filesystems, or "" (DefaultFsType)
+	Faults    []faultctl.Spec     // ParamFaults, checked against the geometry by Size
+	Volatile  bool                // ParamCache is CacheVolatile
 }
 
 // ParseParameters parses CreateVolume parameters. Keys are qemu-img's option
 // names, as `zq-csi image create -o` takes them (imageopt.CreateOptionHelp
-// lists them), plus "attach", "queue.scheduler" and "fsType"; "size" is refused (it comes from the capacity
+// lists them), plus "attach", "queue.scheduler", "fsType", "faults" and
+// "cache"; "size" is refused (it comes from the capacity
 // range). zone.mode
 // defaults to host-managed (this driver provides zoned volumes; any other
 // value is refused). Keys beginning with "csi.storage.k8s.io/" (added by
@@ -102,6 +121,17 @@ func ParseParameters(params map[string]string) (VolumeParams, error) {
 					ErrInvalidParameter, k, v, strings.Join(Schedulers, ", "))
 			}
 			p.Scheduler = v
+		case k == ParamFaults:
+			specs, err := faultctl.ParseList(v)
+			if err != nil {
+				return VolumeParams{}, fmt.Errorf("%w: %s: %w", ErrInvalidParameter, k, err)
+			}
+			p.Faults = specs
+		case k == ParamCache:
+			if v != CacheDurable && v != CacheVolatile {
+				return VolumeParams{}, fmt.Errorf("%w: %s=%q: must be %s or %s", ErrInvalidParameter, k, v, CacheDurable, CacheVolatile)
+			}
+			p.Volatile = v == CacheVolatile
 		case k == paramSize:
 			return VolumeParams{}, fmt.Errorf("%w: %s: not a StorageClass parameter: the size comes from the claim's capacity request",
 				ErrInvalidParameter, k)
@@ -170,8 +200,9 @@ func (p VolumeParams) zones() (zoned.Geometry, error) {
 // 4. (A max_open_zones above max_active_zones is a contradiction whatever
 // the size, refused by ParseParameters.) A negative range, required above
 // limit, or a range that holds no whole number of zones wraps
-// ErrOutOfRange. The image is created with Spec.Options() (its Size set to
-// size) and the returned geometry.
+// ErrOutOfRange. The faults must apply to a volume of that geometry (and a
+// power cut needs the volatile cache). The image is created with
+// Spec.Options() (its Size set to size) and the returned geometry.
 func (p VolumeParams) Size(required, limit int64) (size int64, g zoned.Geometry, err error) {
 	g, err = p.zones()
 	if err != nil {
@@ -205,6 +236,14 @@ func (p VolumeParams) Size(required, limit int64) (size int64, g zoned.Geometry,
 	norm, _, err := g.Normalize()
 	if err != nil {
 		return 0, zoned.Geometry{}, fmt.Errorf("%w: a volume of %d bytes: %w", ErrInvalidParameter, size, err)
+	}
+	for _, f := range p.Faults {
+		if _, err := f.Resolve(norm); err != nil {
+			return 0, zoned.Geometry{}, fmt.Errorf("%w: %s: a volume of %d bytes: %w", ErrInvalidParameter, ParamFaults, size, err)
+		}
+		if f.Kind == faultctl.KindPowerCut && !p.Volatile {
+			return 0, zoned.Geometry{}, fmt.Errorf("%w: %s: %q needs %s=%s", ErrInvalidParameter, ParamFaults, f, ParamCache, CacheVolatile)
+		}
 	}
 	return size, norm, nil
 }

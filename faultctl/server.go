@@ -119,17 +119,12 @@ func (s *Server) Apply(name string, source Source, specs []Spec) ([]int, error) 
 	if err != nil {
 		return nil, err
 	}
-	resolved := make([]Spec, len(specs))
-	for k, sp := range specs {
-		if resolved[k], err = sp.Resolve(e.z.Geometry()); err != nil {
-			return nil, err
-		}
-		if sp.Kind == KindPowerCut && !e.z.Dev.VolatileCache() {
-			return nil, fmt.Errorf("%q: %w (the volume's cache is not volatile)", sp, zoned.ErrNoVolatileCache)
-		}
+	if err := e.check(specs); err != nil {
+		return nil, err
 	}
 	var ids []int
-	for _, sp := range resolved {
+	for _, sp := range specs {
+		sp, _ := sp.Resolve(e.z.Geometry())
 		if !sp.Rule() {
 			for i := sp.FirstZone; i <= sp.LastZone; i++ {
 				if err := e.z.SetCondition(i, sp.Condition()); err != nil {
@@ -157,6 +152,19 @@ func (s *Server) Apply(name string, source Source, specs []Spec) ([]int, error) 
 		klog.InfoS("Fault rule injected", "volume", name, "id", id, "fault", sp.String(), "source", source)
 	}
 	return ids, nil
+}
+
+// check checks that every spec applies to the volume.
+func (e *entry) check(specs []Spec) error {
+	for _, sp := range specs {
+		if _, err := sp.Resolve(e.z.Geometry()); err != nil {
+			return err
+		}
+		if sp.Kind == KindPowerCut && !e.z.Dev.VolatileCache() {
+			return fmt.Errorf("%q: %w (the volume's cache is not volatile)", sp, zoned.ErrNoVolatileCache)
+		}
+	}
+	return nil
 }
 
 // RemoveRule takes rule id (removeEveryRule: every rule of source, or
@@ -194,6 +202,9 @@ func (s *Server) RemoveRule(name string, source Source, id int) (int, error) {
 func (s *Server) Replace(name string, source Source, specs []Spec) error {
 	e, err := s.get(name)
 	if err != nil {
+		return err
+	}
+	if err := e.check(specs); err != nil {
 		return err
 	}
 	if _, err := s.RemoveRule(name, source, removeEveryRule); err != nil {

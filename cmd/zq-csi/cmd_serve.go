@@ -23,6 +23,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/zq-csi/zq-csi/driver"
+	"github.com/zq-csi/zq-csi/faultctl"
 	"github.com/zq-csi/zq-csi/podsys"
 )
 
@@ -34,7 +35,7 @@ func serveUsage(w io.Writer) {
                     [--mode controller|node|all] [--driver-name NAME] [--max-volumes N]
                     [--metrics-address HOST:PORT] [-v N]
                     [--kubelet-registration-path PATH [--registration-dir DIR]]
-                    [--nri-socket PATH]
+                    [--nri-socket PATH] [--fault-socket PATH] [--claim-faults]
 
 Run the CSI plugin (CSI spec v1): the Identity service and, by --mode, the
 Controller service (volumes are zoned qcow2 images in the node-local --pool,
@@ -66,7 +67,12 @@ and the next serve with the same --state-dir takes them back.
                            device has another name in it (volumeDevices.devicePath) a
                            /sys/block entry under that name, so that libzbd and ZenFS see it
                            as zoned; the entries live in --state-dir/podsys
-`, driver.DefaultName, driver.DefaultName, podsys.DefaultSocket)
+  --fault-socket PATH      serve 'zq-csi fault' on this unix socket (owner only; the chart
+                           uses %s, the command's default): faults in staged volumes
+  --claim-faults           apply the %s annotation of each staged volume's claim
+                           (read every 5s from the API server with the pod's service account;
+                           needs get on persistentvolumeclaims)
+`, driver.DefaultName, driver.DefaultName, podsys.DefaultSocket, defaultFaultSocket, driver.FaultsAnnotation)
 }
 
 func runServe(e *env, args []string) int {
@@ -83,6 +89,8 @@ func runServe(e *env, args []string) int {
 	kubeletPath := fs.String("kubelet-registration-path", "", "the CSI socket as the kubelet sees it")
 	regDir := fs.String("registration-dir", "/var/lib/kubelet/plugins_registry", "the kubelet's registration directory")
 	nriSocket := fs.String("nri-socket", "", "the container runtime's NRI socket")
+	faultSocket := fs.String("fault-socket", "", "the fault-injection control socket")
+	claimFaults := fs.Bool("claim-faults", false, "apply the claims' faults annotation")
 	operands, err := parseInterspersed(fs, args)
 	if errors.Is(err, flag.ErrHelp) {
 		serveUsage(e.stdout)
@@ -102,6 +110,8 @@ func runServe(e *env, args []string) int {
 		err = usagef("--kubelet-registration-path %q: must be an absolute path", *kubeletPath)
 	case *nriSocket != "" && *mode == driver.ModeController:
 		err = usagef("--nri-socket: containers run on nodes; --mode controller serves no node")
+	case (*faultSocket != "" || *claimFaults) && *mode == driver.ModeController:
+		err = usagef("--fault-socket and --claim-faults: faults are injected into staged volumes; --mode controller serves no node")
 	}
 	if err != nil {
 		return e.fail(err, serveUsage)
@@ -127,12 +137,27 @@ func runServe(e *env, args []string) int {
 			klog.ErrorS(err, "PR_SET_IO_FLUSHER (needs CAP_SYS_RESOURCE): writeback through the plugin's devices could deadlock under memory pressure")
 		}
 	}
-	d, err := driver.New(driver.Config{
+	cfg := driver.Config{
 		Name: *name, Version: version, NodeID: *nodeID, Mode: *mode,
 		Pool: *poolDir, StateDir: *stateDir, MaxVolumes: *maxVolumes,
-	})
+	}
+	if *claimFaults {
+		if cfg.Claims, err = driver.InClusterClaims(); err != nil {
+			return e.fail(fmt.Errorf("--claim-faults: %w", err), nil)
+		}
+	}
+	d, err := driver.New(cfg)
 	if err != nil {
 		return e.fail(err, nil)
+	}
+	if *faultSocket != "" {
+		fl, err := faultctl.Listen(*faultSocket)
+		if err != nil {
+			return e.fail(fmt.Errorf("--fault-socket: %w", err), nil)
+		}
+		defer fl.Close()
+		go d.Faults().Serve(fl)
+		klog.InfoS("serving fault injection", "socket", *faultSocket)
 	}
 	l, err := driver.Listen(*endpoint)
 	if err != nil {
