@@ -32,6 +32,7 @@ type plugin struct {
 	cmd      *exec.Cmd
 	log      *bytes.Buffer
 	endpoint string
+	faults   string // the fault-injection socket
 	exited   chan error
 }
 
@@ -41,8 +42,9 @@ func startPlugin(t *testing.T, bin, dir string) *plugin {
 	sock := filepath.Join(dir, "csi.sock")
 	os.Remove(sock)
 	p := &plugin{endpoint: "unix://" + sock, log: &bytes.Buffer{}, exited: make(chan error, 1)}
+	p.faults = filepath.Join(dir, "fault.sock")
 	p.cmd = exec.Command(bin, "serve", "--endpoint", p.endpoint, "--node-id", "vm-node",
-		"--pool", filepath.Join(dir, "pool"), "--state-dir", filepath.Join(dir, "state"), "-v", "2")
+		"--pool", filepath.Join(dir, "pool"), "--state-dir", filepath.Join(dir, "state"), "--fault-socket", p.faults, "-v", "2")
 	p.cmd.Stderr = p.log
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -519,6 +521,67 @@ func TestKernelDatabases(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// TestKernelDatabaseUnderInjectedWriteErrors: RocksDB on a btrfs volume
+// whose writes all fail (a fault injected through the plugin's socket)
+// reports the I/O error instead of acknowledging writes; the volume's
+// condition says a fault is active. With the fault gone and the volume
+// staged again, the database opens, passes its checks and holds every key
+// written before.
+func TestKernelDatabaseUnderInjectedWriteErrors(t *testing.T) {
+	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
+	dir := t.TempDir()
+	p := startPlugin(t, bin, dir)
+	ctl, node, done := csiClients(t, p)
+	defer done()
+	ctx := context.Background()
+	v := &fsVolume{capability: mountCapability("btrfs"), staging: filepath.Join(dir, "staging"), target: filepath.Join(dir, "pod", "mount")}
+	os.MkdirAll(filepath.Dir(v.target), 0o755)
+	cv, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-faulty-db", Parameters: map[string]string{"zone.size": "16Mi"},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30}, VolumeCapabilities: []*csi.VolumeCapability{v.capability}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.id = cv.Volume.VolumeId
+	v.stage(t, node)
+	defer func() {
+		node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target})
+		node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging})
+	}()
+	const n = 20000
+	db := filepath.Join(v.target, "rocksdb")
+	common := []string{"--db=" + db, fmt.Sprintf("--num=%d", n), "--value_size=100", "--compression_type=none", "--seed=1"}
+	vmtest.Run(t, "db_bench", append(common, "--benchmarks=fillseq")...)
+	vmtest.Run(t, "sync", "-f", v.target)
+
+	fault := func(args ...string) string {
+		return vmtest.Run(t, bin, append([]string{"fault", "--socket", p.faults, "--volume", v.id}, args...)...)
+	}
+	fault("add", "error:op=write")
+	out, err := exec.Command("db_bench", append(common, "--use_existing_db=1", "--benchmarks=overwrite", "--sync=1")...).CombinedOutput()
+	if err == nil {
+		t.Errorf("db_bench overwrite with every write failing reported no error:\n%s", tail(string(out), 10))
+	}
+	t.Logf("db_bench under the fault: %v: %s", err, tail(string(out), 3))
+	st, err := node.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: v.id, VolumePath: v.target})
+	if err != nil || !st.VolumeCondition.Abnormal || !strings.Contains(st.VolumeCondition.Message, "#1 error:op=write") {
+		t.Errorf("volume condition under the fault: %+v, %v", st.GetVolumeCondition(), err)
+	}
+	fault("remove", "all")
+	v.unstage(t, node)
+	v.stage(t, node)
+	if out := vmtest.Run(t, "ldb", "--db="+db, "checkconsistency"); !strings.Contains(out, "OK") {
+		t.Errorf("ldb checkconsistency after the fault: %s", out)
+	}
+	out, err = exec.Command("db_bench", append(common, "--use_existing_db=1", "--benchmarks=readrandom", fmt.Sprintf("--reads=%d", n), "--verify_checksum=1")...).CombinedOutput()
+	if err != nil || !bytes.Contains(out, []byte(fmt.Sprintf("(%d of %d found)", n, n))) {
+		t.Errorf("the keys written before the fault: %v\n%s", err, tail(string(out), 10))
+	}
+	st, err = node.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: v.id, VolumePath: v.target})
+	if err != nil || st.VolumeCondition.Abnormal {
+		t.Errorf("volume condition with the fault removed: %+v, %v", st.GetVolumeCondition(), err)
 	}
 }
 
