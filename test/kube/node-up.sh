@@ -477,6 +477,46 @@ delete_volume() {
 }
 delete_volume zones zoned
 
+# ---- faults from the claim: its namespace annotates it ----------------------
+# Whoever may patch a claim puts faults on its volume (zq-csi.io/faults); the
+# node plugin applies each change within a poll (5s). Zone 2 of the class's
+# 64 MiB zones starts at sector 0x40000 (128 MiB).
+{ claim faulty && cat; } <<'EOF2' | kubectl -n zq-test apply -f - >/dev/null
+apiVersion: v1
+kind: Pod
+metadata: {name: faulty}
+spec:
+  containers:
+    - name: zq
+      image: zq-csi.local/workload:1
+      imagePullPolicy: Never
+      command: [/bin/busybox, sleep, "3600"]
+      volumeDevices: [{name: zoned, devicePath: /dev/zoned}]
+  volumes: [{name: zoned, persistentVolumeClaim: {claimName: faulty}}]
+  restartPolicy: Never
+EOF2
+wait_for "a pod with a claim to fault is running" 900 bash -c '[[ $(kubectl -n zq-test get pod faulty -o jsonpath={.status.phase}) == Running ]]'
+zone2() { kubectl -n zq-test exec faulty -- blkzone report -o 0x40000 -c 1 /dev/zoned; }
+export -f zone2 # for wait_for's bash -c
+kubectl -n zq-test annotate pvc faulty zq-csi.io/faults='readonly:zone=2;delay:op=read,delay=1ms' >/dev/null
+wait_for "the claim's annotation made zone 2 read-only in the pod (blkzone zcond 13)" 120 bash -c 'zone2 | grep -q "zcond:13(ro)"'
+out=$(kubectl -n zq-test exec faulty -- fio --name=ro --filename=/dev/zoned --rw=write --bs=4k --size=4k --offset=128M \
+	--direct=1 --ioengine=psync 2>&1 || true)
+if [[ $out == *"Input/output error"* ]]; then
+	ok "a write to the read-only zone fails in the pod with EIO"
+else
+	not_ok "a write to the read-only zone in the pod: $(tail -n 5 <<<"$out")"
+fi
+out=$(kubectl -n zq-csi exec "$plugin_pod" -c zq-csi -- /usr/local/bin/zq-csi fault list 2>&1 || true)
+if [[ $out == *"delay:op=read,delay=1ms  (annotation;"* && $out == *"zone 2  read-only"* ]]; then
+	ok "zq-csi fault list in the plugin's container shows the annotation's faults"
+else
+	not_ok "zq-csi fault list in the plugin's container: $out"
+fi
+kubectl -n zq-test annotate pvc faulty zq-csi.io/faults- >/dev/null
+wait_for "the annotation removed, zone 2 is back (blkzone zcond 1)" 120 bash -c 'zone2 | grep -q "zcond: 1(em)"'
+delete_volume faulty faulty
+
 # ---- a Filesystem PVC: f2fs in zoned mode, in a pod -------------------------
 # The class zq-csi-f2fs: the node formats the volume at its first stage and
 # the pod sees a mounted f2fs with the class's mount options; fio writes and
