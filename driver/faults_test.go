@@ -74,7 +74,7 @@ func TestClassFaultsAreInForceFromStageAndAfterARestart(t *testing.T) {
 		t.Errorf("read under the class's rule: %v, want ENODATA", err)
 	}
 	c := e.condition(t, v.VolumeId, staging)
-	for _, want := range []string{"faults injected: 1 rules, 1 zones out of service", "error:op=read,zone=5,errno=ENODATA (fired 1)", "read-only 1"} {
+	for _, want := range []string{"faults injected: 1 rules, 1 zones in an injected condition", "error:op=read,zone=5,errno=ENODATA (fired 1)", "read-only 1"} {
 		if !c.Abnormal || !strings.Contains(c.Message, want) {
 			t.Errorf("condition %+v: want abnormal saying %q", c, want)
 		}

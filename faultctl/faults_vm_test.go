@@ -167,6 +167,16 @@ func TestKernelZoneConditionsAsOnNullBlk(t *testing.T) {
 	if ctl["write read-only"] != "Input/output error" || ctl["read read-only"] != "ok" || ctl["read offline"] != "Input/output error" {
 		t.Errorf("null_blk's outcomes %v: the control is not what this test expects", ctl)
 	}
+	// ZBC's "reset recommended" reaches blkzone (reset:1) through ublk's
+	// zone report; the zone's reset clears it. null_blk cannot set it.
+	a.fault(t, "add", "reset-recommended:zone=4")
+	if out := vmtest.Run(t, "blkzone", "report", "-o", strconv.Itoa(4*zoneMiB<<11), "-c", "1", a.Dev); !strings.Contains(out, "reset:1") {
+		t.Errorf("zone 4 reset-recommended: %s", out)
+	}
+	vmtest.Run(t, "blkzone", "reset", "-o", strconv.Itoa(4*zoneMiB<<11), "-c", "1", a.Dev)
+	if out := vmtest.Run(t, "blkzone", "report", "-o", strconv.Itoa(4*zoneMiB<<11), "-c", "1", a.Dev); !strings.Contains(out, "reset:0") {
+		t.Errorf("zone 4 after its reset: %s", out)
+	}
 	// Back in service, the zones take writes again.
 	a.fault(t, "add", "online:zone=3", "online:zone=5")
 	if got := conditions(t, a.Dev, 7); fmt.Sprint(got) != "[0 1 1 1 1 1 1]" {

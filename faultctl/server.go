@@ -127,7 +127,16 @@ func (s *Server) Apply(name string, source Source, specs []Spec) ([]int, error) 
 		sp, _ := sp.Resolve(e.z.Geometry())
 		if !sp.Rule() {
 			for i := sp.FirstZone; i <= sp.LastZone; i++ {
-				if err := e.z.SetCondition(i, sp.Condition()); err != nil {
+				var err error
+				switch sp.Kind {
+				case KindResetRecommended:
+					err = e.z.Dev.SetResetRecommended(i, true)
+				case KindOnline:
+					err = e.online(i)
+				default:
+					err = e.z.SetCondition(i, sp.Condition())
+				}
+				if err != nil {
 					return ids, err
 				}
 				s.mu.Lock()
@@ -152,6 +161,11 @@ func (s *Server) Apply(name string, source Source, specs []Spec) ([]int, error) 
 		klog.InfoS("Fault rule injected", "volume", name, "id", id, "fault", sp.String(), "source", source)
 	}
 	return ids, nil
+}
+
+// online takes zone i's injected conditions and attributes away.
+func (e *entry) online(i int) error {
+	return errors.Join(e.z.SetCondition(i, zoned.Empty), e.z.Dev.SetResetRecommended(i, false))
 }
 
 // check checks that every spec applies to the volume.
@@ -227,7 +241,7 @@ func (s *Server) Replace(name string, source Source, specs []Spec) error {
 	}
 	s.mu.Unlock()
 	for _, i := range clear {
-		if err := e.z.SetCondition(i, zoned.Empty); err != nil {
+		if err := e.online(i); err != nil {
 			return err
 		}
 		s.mu.Lock()
@@ -278,7 +292,7 @@ func (v VolumeStatus) Active() bool {
 
 // Summary is the status in one line, for a volume condition's message.
 func (v VolumeStatus) Summary() string {
-	msg := fmt.Sprintf("faults injected: %d rules, %d zones out of service, %d power cuts", len(v.Rules), len(v.Conditions), v.PowerCuts)
+	msg := fmt.Sprintf("faults injected: %d rules, %d zones in an injected condition, %d power cuts", len(v.Rules), len(v.Conditions), v.PowerCuts)
 	for _, r := range v.Rules {
 		msg += fmt.Sprintf("; #%d %s (fired %d)", r.ID, r.Fault, r.Fired)
 	}
@@ -299,11 +313,21 @@ func (s *Server) Status(name string) (VolumeStatus, error) {
 		r := rules[f.ID]
 		st.Rules = append(st.Rules, RuleStatus{ID: f.ID, Fault: r.text, Source: r.source, Matched: f.Matched, Fired: f.Fired, Done: f.Done})
 	}
-	for i, c := range e.z.Dev.Conditions() {
+	g := e.z.Geometry()
+	for _, z := range e.z.Report(0, g.NumZones()) {
+		var what string
+		switch {
+		case z.Cond == zoned.ReadOnly || z.Cond == zoned.Offline:
+			what = z.Cond.String()
+		case z.ResetRecommended:
+			what = KindResetRecommended
+		default:
+			continue
+		}
 		if st.Conditions == nil {
 			st.Conditions = map[string]string{}
 		}
-		st.Conditions[fmt.Sprint(i)] = c.String()
+		st.Conditions[fmt.Sprint(g.ZoneIndex(z.Start))] = what
 	}
 	return st, nil
 }

@@ -83,6 +83,22 @@ func TestControlSocketAddsListsAndRemovesFaults(t *testing.T) {
 	if resp, _ := Do(sock, Request{Verb: "list"}); resp.Volumes[0].Active() {
 		t.Errorf("still active after clearing: %+v", resp.Volumes[0])
 	}
+	// reset-recommended shows in reports until the zone is reset.
+	if _, err := Do(sock, Request{Verb: "add", Faults: "reset-recommended:zone=4-5"}); err != nil {
+		t.Fatal(err)
+	}
+	if z := v.Zones().Report(4, 2); !z[0].ResetRecommended || !z[1].ResetRecommended {
+		t.Errorf("report after reset-recommended: %+v", z)
+	}
+	if resp, _ := Do(sock, Request{Verb: "list"}); resp.Volumes[0].Conditions["4"] != "reset-recommended" {
+		t.Errorf("list: %+v", resp.Volumes[0])
+	}
+	if err := v.Zones().Reset(4<<20, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if z := v.Zones().Report(4, 2); z[0].ResetRecommended || !z[1].ResetRecommended {
+		t.Errorf("after resetting zone 4: %+v, want its attribute cleared and zone 5's kept", z)
+	}
 }
 
 func TestControlSocketRefusesWithTheCause(t *testing.T) {

@@ -29,7 +29,10 @@ const (
 	KindPowerCut = "powercut"
 	KindReadOnly = "readonly"
 	KindOffline  = "offline"
-	KindOnline   = "online" // clears readonly or offline
+	KindOnline   = "online" // clears readonly, offline and reset-recommended
+	// KindResetRecommended sets ZBC's "reset recommended" zone attribute
+	// (blkzone's reset:1), which the zone's reset clears.
+	KindResetRecommended = "reset-recommended"
 )
 
 // Spec is one fault as a user writes it:
@@ -37,7 +40,8 @@ const (
 //	KIND[:KEY=VALUE[,KEY=VALUE]...]
 //
 // KIND is error, delay or powercut (a rule on requests), or readonly,
-// offline or online (a zone condition; online clears the other two). Keys:
+// offline, reset-recommended or online (a zone condition or attribute;
+// online clears the others). Keys:
 //
 //	zone=N or zone=N-M   the zones the fault covers (conditions need it)
 //	offset=SIZE, length=SIZE   a byte range instead (rules only)
@@ -111,9 +115,9 @@ func Parse(text string) (Spec, error) {
 		f.Action, f.Op = zoned.Delay, zoned.OpWrite
 	case KindPowerCut:
 		f.Action, f.Op, f.Count = zoned.PowerCut, zoned.OpFlush, 1
-	case KindReadOnly, KindOffline, KindOnline:
+	case KindReadOnly, KindOffline, KindOnline, KindResetRecommended:
 	default:
-		return Spec{}, fmt.Errorf("%w: %q: unknown kind %q (want error, delay, powercut, readonly, offline or online)", ErrSyntax, text, kind)
+		return Spec{}, fmt.Errorf("%w: %q: unknown kind %q (want error, delay, powercut, readonly, offline, reset-recommended or online)", ErrSyntax, text, kind)
 	}
 	seen := map[string]bool{}
 	for _, kv := range strings.Split(args, ",") {

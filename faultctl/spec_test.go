@@ -46,7 +46,8 @@ func TestParseResolvesWhatTheTextSays(t *testing.T) {
 }
 
 func TestParseZoneConditions(t *testing.T) {
-	for text, want := range map[string]zoned.Condition{"readonly:zone=3": zoned.ReadOnly, "offline:zone=2-5": zoned.Offline, "online:zone=3": zoned.Empty} {
+	for text, want := range map[string]zoned.Condition{"readonly:zone=3": zoned.ReadOnly, "offline:zone=2-5": zoned.Offline, "online:zone=3": zoned.Empty,
+		"reset-recommended:zone=4": zoned.Empty} {
 		s, err := Parse(text)
 		if err == nil {
 			_, err = s.Resolve(geometry)

@@ -150,7 +150,7 @@ func (q *queue) report(tag int, off int64, nr int) (int, error) {
 	const s = volume.SectorSize
 	for i, z := range zones {
 		putBlkZone(buf[i*blkZoneSize:], uint64(z.Start/s), uint64(z.Length/s), uint64(z.WritePointer/s),
-			uint64(z.Capacity/s), uint8(z.Type), uint8(z.Cond))
+			uint64(z.Capacity/s), uint8(z.Type), uint8(z.Cond), z.ResetRecommended)
 	}
 	if err := q.copyOut(tag, buf); err != nil {
 		return 0, err

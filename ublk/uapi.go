@@ -256,12 +256,15 @@ func putIOCmd(b []byte, q, tag uint16, result int32, addr uint64) {
 }
 
 // putBlkZone writes one struct blk_zone (sectors).
-func putBlkZone(b []byte, start, length, wp, capacity uint64, typ, cond uint8) {
+func putBlkZone(b []byte, start, length, wp, capacity uint64, typ, cond uint8, resetRecommended bool) {
 	clear(b[:blkZoneSize])
 	le.PutUint64(b[0:], start)
 	le.PutUint64(b[8:], length)
 	le.PutUint64(b[16:], wp)
 	b[24] = typ
 	b[25] = cond
+	if resetRecommended {
+		b[27] = 1 // blk_zone.reset
+	}
 	le.PutUint64(b[32:], capacity)
 }

@@ -72,6 +72,9 @@ type Zone struct {
 	Start, Length, Capacity, WritePointer int64
 	Type                                  Type
 	Cond                                  Condition
+	// ResetRecommended is ZBC's "reset write pointer recommended"
+	// attribute (blk_zone.reset), set only by an injected fault.
+	ResetRecommended bool
 }
 
 // Store is the storage below a Device. Its methods are called concurrently
@@ -125,6 +128,9 @@ type zone struct {
 	// failedAt is the lowest byte that can no longer become durable.
 	failed   error
 	failedAt int64
+	// resetRecommended: an injected fault says a reset is recommended,
+	// until the zone is reset.
+	resetRecommended bool
 	// ackedEnd is the end of the highest write reported as successful.
 	ackedEnd int64
 	// flushErr is reported by the next Flush: acknowledged writes that
@@ -238,7 +244,8 @@ func (d *Device) Resources() (open, active int) {
 
 func (d *Device) zoneInfo(i int) Zone {
 	z := &d.zones[i]
-	info := Zone{Start: z.start, Length: z.length, Capacity: z.capEnd - z.start, WritePointer: z.wp, Cond: z.cond}
+	info := Zone{Start: z.start, Length: z.length, Capacity: z.capEnd - z.start, WritePointer: z.wp, Cond: z.cond,
+		ResetRecommended: z.resetRecommended}
 	if d.sequential(i) {
 		info.Type = SequentialWriteRequired
 	} else {
@@ -952,6 +959,7 @@ func (d *Device) reset(first, end int, all bool) error {
 		}
 		d.setCond(z, Empty)
 		z.wp = z.start
+		z.resetRecommended = false
 		clear(z.pending)
 		z.pending = z.pending[:0]
 		z.failed, z.ackedEnd = nil, 0

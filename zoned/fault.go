@@ -367,6 +367,19 @@ func (d *Device) SetCondition(i int, c Condition) error {
 	return nil
 }
 
+// SetResetRecommended sets or clears sequential zone i's "reset
+// recommended" attribute, which reports carry (Zone.ResetRecommended) and a
+// reset of the zone clears, as on a drive that wants a zone rewritten.
+func (d *Device) SetResetRecommended(i int, on bool) error {
+	if i < d.g.ConventionalZones || i >= len(d.zones) {
+		return fmt.Errorf("%w: zone %d is not a sequential zone (zones %d to %d are)", ErrInvalidFault, i, d.g.ConventionalZones, len(d.zones)-1)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.zones[i].resetRecommended = on
+	return nil
+}
+
 // condAt is the condition a zone's write pointer says at rest.
 func (d *Device) condAt(z *zone) Condition {
 	switch {
