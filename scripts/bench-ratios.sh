@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # bench-ratios.sh BENCH-OUTPUT: the ratio of each benchmark's subject to
 # its peer measured in the same run (qcow2 against raw file I/O, the zoned
-# Device against plain image writes), from the MB/s columns of `go test
+# Device against plain image writes, fault injection's modes against none),
+# from the MB/s columns of `go test
 # -bench` output. A ratio of 1.00 means as fast as the peer.
 set -euo pipefail
 awk '
+BEGIN { modes["unmatched-rule"]; modes["volatile-cache"] }
 /^Benchmark.*MB\/s/ {
 	name = $1; sub(/-[0-9]+$/, "", name)
 	n = split(name, part, "/")
@@ -19,5 +21,7 @@ END {
 			printf "%-40s qcow2/raw     %.2f\n", g, speed[g, "qcow2"] / speed[g, "raw"]
 		if ((g, "device") in speed && (g, "plain") in speed)
 			printf "%-40s device/plain  %.2f\n", g, speed[g, "device"] / speed[g, "plain"]
+		for (m in modes) if ((g, m) in speed && (g, "none") in speed)
+			printf "%-40s %s/none  %.2f\n", g, m, speed[g, m] / speed[g, "none"]
 	}
 }' "$1" | sort
