@@ -152,7 +152,7 @@ type Device struct {
 	lru                 list.List
 	inflight            int
 	flushErrs           int
-	fault               faults
+	faults              faultState
 	vc                  *volatileCache // nil: writes are durable as the Store makes them
 }
 

@@ -173,8 +173,8 @@ type faultRule struct {
 // data path reads them without a lock.
 type faultSet struct{ rules []*faultRule }
 
-// faults is a Device's fault-injection state.
-type faults struct {
+// faultState is a Device's fault-injection state.
+type faultState struct {
 	mu     sync.Mutex // serialises changes of set
 	set    atomic.Pointer[faultSet]
 	nextID int
@@ -191,40 +191,40 @@ func (d *Device) AddFault(f Fault) (int, error) {
 	if f.Action == Fail && f.Errno == 0 {
 		f.Errno = syscall.EIO
 	}
-	d.fault.mu.Lock()
-	defer d.fault.mu.Unlock()
-	d.fault.nextID++
-	r := &faultRule{id: d.fault.nextID, Fault: f}
+	d.faults.mu.Lock()
+	defer d.faults.mu.Unlock()
+	d.faults.nextID++
+	r := &faultRule{id: d.faults.nextID, Fault: f}
 	var rules []*faultRule
-	if s := d.fault.set.Load(); s != nil {
+	if s := d.faults.set.Load(); s != nil {
 		rules = slices.Clone(s.rules)
 	}
-	d.fault.set.Store(&faultSet{rules: append(rules, r)})
+	d.faults.set.Store(&faultSet{rules: append(rules, r)})
 	return r.id, nil
 }
 
 // RemoveFault takes rule id out of force; id 0 removes every rule. It
 // returns how many it removed.
 func (d *Device) RemoveFault(id int) int {
-	d.fault.mu.Lock()
-	defer d.fault.mu.Unlock()
-	s := d.fault.set.Load()
+	d.faults.mu.Lock()
+	defer d.faults.mu.Unlock()
+	s := d.faults.set.Load()
 	if s == nil {
 		return 0
 	}
 	rules := slices.DeleteFunc(slices.Clone(s.rules), func(r *faultRule) bool { return id == 0 || r.id == id })
 	removed := len(s.rules) - len(rules)
 	if len(rules) == 0 {
-		d.fault.set.Store(nil)
+		d.faults.set.Store(nil)
 	} else {
-		d.fault.set.Store(&faultSet{rules: rules})
+		d.faults.set.Store(&faultSet{rules: rules})
 	}
 	return removed
 }
 
 // Faults lists the rules in force, in the order they were added.
 func (d *Device) Faults() []FaultStatus {
-	s := d.fault.set.Load()
+	s := d.faults.set.Load()
 	if s == nil {
 		return nil
 	}
@@ -248,7 +248,7 @@ type injection struct {
 // inject applies the rules in force to a request of kind op on [off, off+n)
 // (n 0: the whole device, as a flush). It sleeps any delay itself.
 func (d *Device) inject(op Op, what string, off, n int64) injection {
-	s := d.fault.set.Load()
+	s := d.faults.set.Load()
 	if s == nil {
 		return injection{}
 	}
