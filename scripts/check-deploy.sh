@@ -153,6 +153,8 @@ if [ -s "$work/default.yaml" ]; then
 	hasnot default "the plugin leaves registration to the sidecar" '- --registration-dir='
 	has default "the plugin gives renamed zoned devices a /sys/block entry through NRI" '- --nri-socket=/nri/nri.sock$'
 	has default "the NRI socket's directory from the host" '^            path: /var/run/nri$'
+	has default "the plugin serves zq-csi fault in its container" '- --fault-socket=/run/zq-csi/fault.sock$'
+	has default "the plugin applies the claims' faults annotation" '- --claim-faults$'
 	has default "default image is the appVersion" "image: ghcr.io/zq-csi/zq-csi:$(sed -n 's/^appVersion: "\(.*\)"/\1/p' "$CHART/Chart.yaml")$"
 fi
 if [ -s "$work/custom.yaml" ]; then
@@ -170,6 +172,9 @@ if [ -s "$work/custom.yaml" ]; then
 	hasnot custom "podSysfs.enabled false: no NRI" '(--nri-socket|path: /var/run/nri)'
 	has custom "modprobe init container" '^        - name: modprobe$'
 	has custom "metrics Service" '^  name: zq-custom-metrics$'
+	has custom "a class's volatile cache" '^  cache: "volatile"$'
+	has custom "a class's faults" '^  faults: "readonly:zone=9;delay:op=read,delay=1ms"$'
+	hasnot custom "faults.socket and claimAnnotations false: neither flag" '(--fault-socket|--claim-faults|name: fault-run)'
 fi
 
 # --- etcd and kube-apiserver --------------------------------------------------
