@@ -73,4 +73,16 @@
 // data can never become durable; if some had already been acknowledged, the
 // next Flush returns an error wrapping ErrZoneFailed. A failing
 // SetWritePointer fails the zone the same way.
+//
+// # Injected faults
+//
+// A Device also fails on demand, for testing what runs on it (fault.go):
+// sequential zones can be put in the read-only and offline conditions
+// (SetCondition; they keep their write pointer and hold no resource), rules
+// fail, delay or cut the power at the requests they select (AddFault: by
+// kind, range, count, share), and with a volatile cache (SetVolatileCache,
+// powercut.go) PowerCut drops what the Store has not made durable. A
+// failed request changes nothing, except a partial write, whose first
+// bytes land as an ordinary shorter write. With no rule in force and no
+// volatile cache, a request pays one atomic load for all of it.
 package zoned
