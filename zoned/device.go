@@ -260,11 +260,18 @@ func (d *Device) sequential(i int) bool { return i >= d.g.ConventionalZones }
 // pointer, and bytes of writes still in flight or failed, read as zeros.
 // A read reaching an offline zone fails.
 func (d *Device) ReadAt(p []byte, off int64) (int, error) {
+	if d.unfaulted() {
+		return d.readAt(p, off)
+	}
 	if in := d.inject(OpRead, "read", off, int64(len(p))); in.err != nil {
 		return 0, in.err
 	}
 	d.enter()
 	defer d.leave()
+	return d.readAt(p, off)
+}
+
+func (d *Device) readAt(p []byte, off int64) (int, error) {
 	n := int64(len(p))
 	if off < 0 || off > d.g.Size || n > d.g.Size-off {
 		return 0, fmt.Errorf("read at %#x+%#x, device size %#x: %w", off, n, d.g.Size, ErrOutOfRange)
@@ -332,6 +339,9 @@ func (d *Device) ReadAt(p []byte, off int64) (int, error) {
 // refused write nothing is written and no state changes; on a failed data
 // write see the failure rule in the package documentation.
 func (d *Device) WriteAt(p []byte, off int64) (int, error) {
+	if d.unfaulted() {
+		return d.writeAt(p, off)
+	}
 	in := d.inject(OpWrite, "write", off, int64(len(p)))
 	if in.err != nil {
 		if in.partial == 0 {
@@ -477,6 +487,9 @@ func (d *Device) Append(p []byte, zoneStart int64) (int64, error) {
 	n := int64(len(p))
 	if err := d.CheckAppend(zoneStart, n); err != nil {
 		return 0, err
+	}
+	if d.unfaulted() {
+		return d.appendAt(p, d.g.ZoneIndex(zoneStart))
 	}
 	in := d.inject(OpWrite, "append", zoneStart, n)
 	if in.err != nil {

@@ -237,6 +237,10 @@ func (d *Device) Faults() []FaultStatus {
 	return out
 }
 
+// unfaulted reports whether no rule is in force and the cache is durable:
+// a request then goes straight to the zone model.
+func (d *Device) unfaulted() bool { return d.vc == nil && d.faults.set.Load() == nil }
+
 // injection is what the rules do to one request.
 type injection struct {
 	err      error
