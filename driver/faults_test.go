@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"maps"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -142,7 +143,7 @@ func TestClaimAnnotationFaultsFollowTheClaim(t *testing.T) {
 }
 
 func TestInClusterClaimsReadsTheAnnotationWithTheToken(t *testing.T) {
-	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Authorization") != "Bearer tok-1" {
 			http.Error(w, "Unauthorized", http.StatusUnauthorized)
 			return
@@ -153,10 +154,23 @@ func TestInClusterClaimsReadsTheAnnotationWithTheToken(t *testing.T) {
 		}
 		json.NewEncoder(w).Encode(map[string]any{"metadata": map[string]any{"annotations": map[string]string{FaultsAnnotation: "readonly:zone=3"}}})
 	}))
+	// On a unix socket: the VM harness's guest, where this package's
+	// tests run too, has no loopback network.
+	sock := filepath.Join(t.TempDir(), "api.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Listener = l
+	srv.StartTLS()
 	defer srv.Close()
+	client := srv.Client()
+	client.Transport.(*http.Transport).DialContext = func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}
 	token := filepath.Join(t.TempDir(), "token")
 	os.WriteFile(token, []byte("tok-1\n"), 0o600)
-	c := &apiClaims{base: srv.URL, tokenFile: token, client: srv.Client()}
+	c := &apiClaims{base: "https://127.0.0.1", tokenFile: token, client: client}
 	ann, err := c.Annotations(context.Background(), "team-a", "data")
 	if err != nil || ann[FaultsAnnotation] != "readonly:zone=3" {
 		t.Fatalf("Annotations: %v, %v", ann, err)

@@ -99,10 +99,13 @@ func (s *Server) Remove(name string) {
 func (s *Server) get(name string) (*entry, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if name == "" && len(s.vols) == 1 {
+	if name == "" {
 		for _, e := range s.vols {
-			return e, nil
+			if len(s.vols) == 1 {
+				return e, nil
+			}
 		}
+		return nil, fmt.Errorf("%w: no volume named, and the server holds %d (zq-csi fault list names them)", ErrNoVolume, len(s.vols))
 	}
 	e, ok := s.vols[name]
 	if !ok {
