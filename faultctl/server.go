@@ -100,8 +100,8 @@ func (s *Server) get(name string) (*entry, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if name == "" {
-		for _, e := range s.vols {
-			if len(s.vols) == 1 {
+		if len(s.vols) == 1 {
+			for _, e := range s.vols {
 				return e, nil
 			}
 		}
