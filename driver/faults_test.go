@@ -16,8 +16,18 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
+	"github.com/zq-csi/zq-csi/faultctl"
 	"github.com/zq-csi/zq-csi/zoned"
 )
+
+func mustParse(t *testing.T, text string) []faultctl.Spec {
+	t.Helper()
+	specs, err := faultctl.ParseList(text)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return specs
+}
 
 // fakeClaims is the API server's claims, in memory.
 type fakeClaims struct {
@@ -93,8 +103,13 @@ func TestClassFaultsAreInForceFromStageAndAfterARestart(t *testing.T) {
 	if st, err := e.d.Faults().Status(v.VolumeId); err != nil || len(st.Rules) != 1 || st.Conditions["3"] != "read-only" || !st.VolatileCache {
 		t.Errorf("after a restart: %+v, %v; want the class's rule again, the zone still read-only, the cache volatile", st, err)
 	}
-	if _, err := e.d.NodeUnstageVolume(context.Background(), &csi.NodeUnstageVolumeRequest{VolumeId: v.VolumeId, StagingTargetPath: staging}); err != nil {
+	// A rule failing everything, left in force: unstaging ends it first,
+	// so the image's closing flush is not failed by it.
+	if _, err := e.d.Faults().Apply(v.VolumeId, "socket", mustParse(t, "error:op=all")); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := e.d.NodeUnstageVolume(context.Background(), &csi.NodeUnstageVolumeRequest{VolumeId: v.VolumeId, StagingTargetPath: staging}); err != nil {
+		t.Fatalf("unstage with faults in force: %v", err)
 	}
 	if _, err := e.d.Faults().Status(v.VolumeId); err == nil {
 		t.Errorf("unstaged volume still has faults")

@@ -365,6 +365,9 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	if len(v.Targets) > 0 {
 		return nil, statusf(codes.FailedPrecondition, "NodeUnstageVolume %s: still published at %s", id, strings.Join(v.Targets, ", "))
 	}
+	// The volume's faults end with its use: its teardown (unmount, the
+	// device's sync, the image's flush) must not fail on them.
+	d.node.faults.Remove(id)
 	// Each step is undone once, so that a retry after a failure goes on
 	// from where this one stopped.
 	if v.FsType != "" {
@@ -384,7 +387,6 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolu
 	}
 	v.dev = nil
 	if v.vol != nil {
-		d.node.faults.Remove(id)
 		if err := v.vol.Close(); err != nil {
 			return nil, statusf(codes.Internal, "NodeUnstageVolume %s: closing the image: %v", id, err)
 		}

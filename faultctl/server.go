@@ -89,11 +89,17 @@ func (s *Server) Add(name string, v *volume.Volume) error {
 	return nil
 }
 
-// Remove forgets volume name (it is being closed).
+// Remove forgets volume name, which is being closed, and takes its rules
+// out of force so that closing it (a flush, a device's sync) is not failed
+// by them. Its zone conditions stay, kept beside the image.
 func (s *Server) Remove(name string) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	e := s.vols[name]
 	delete(s.vols, name)
+	s.mu.Unlock()
+	if e != nil {
+		e.z.Dev.RemoveFault(0)
+	}
 }
 
 func (s *Server) get(name string) (*entry, error) {
