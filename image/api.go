@@ -47,6 +47,18 @@ type CreateOptions struct {
 	// image checks only the format's consistency: validate the limits with
 	// zoned.Geometry.Normalize first.
 	Zones *Zones
+	// BackingFile makes the new image a copy-on-write overlay of the qcow2
+	// image of that name, recorded as given and resolved as QEMU does
+	// (relative to the new image's directory unless absolute): whatever
+	// the new image does not hold reads from it. A Size of 0 is the
+	// backing image's; a zoned backing image passes on its zones and write
+	// pointers (zones past its end start empty), and Zones, if set, must
+	// keep its zone size, capacity and conventional zones: only the limits
+	// are the new image's own.
+	BackingFile string
+	// Backing is the backing image, open: Create opens BackingFile itself;
+	// CreateStorage, which has no directory to find it in, needs it here.
+	Backing *Image
 }
 
 // OpenOptions tune how an image is opened.
@@ -78,6 +90,10 @@ type OpenOptions struct {
 	// until then WritePointers, SetWritePointer and Grow fail with the
 	// reason.
 	ForCheck bool
+	// Backing is the open backing image of an image with a backing file,
+	// for OpenStorage (Open opens the chain itself, by name). The image
+	// owns it once open.
+	Backing *Image
 	// BootID, if set, replaces the kernel's boot id
 	// (/proc/sys/kernel/random/boot_id) that a journal is scoped to: a
 	// UUID. For tests that model a reboot.
@@ -102,6 +118,11 @@ type Info struct {
 	ExtendedL2      bool   `json:"extended-l2"`
 	Dirty           bool   `json:"dirty-flag"`
 	Corrupt         bool   `json:"corrupt"`
+	// The backing file, as qemu-img info names it: as recorded, resolved,
+	// and its format.
+	BackingFilename     string `json:"backing-filename,omitempty"`
+	FullBackingFilename string `json:"full-backing-filename,omitempty"`
+	BackingFormat       string `json:"backing-filename-format,omitempty"`
 	// Zones is the zone geometry of a zoned image, nil for a plain one.
 	Zones *Zones `json:"zoned,omitempty"`
 	// JournalReplayed counts the journal batches the open replayed: writes

@@ -12,6 +12,14 @@ import (
 // Create makes a new image at path. It refuses to overwrite an existing
 // file, and removes what it made if it fails.
 func Create(path string, opts CreateOptions) error {
+	if opts.BackingFile != "" && opts.Backing == nil {
+		b, err := openBacking(path, opts.BackingFile, 0, 1)
+		if err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		defer b.Close()
+		opts.Backing = b
+	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return err
@@ -53,6 +61,9 @@ func (o CreateOptions) normalize() (CreateOptions, error) {
 	if o.Preallocation != PreallocOff && o.Preallocation != PreallocMetadata {
 		return o, fmt.Errorf("preallocation %q: must be off or metadata: %w", o.Preallocation, ErrInvalidOption)
 	}
+	if err := o.inheritBacking(); err != nil {
+		return o, err
+	}
 	if o.Size <= 0 {
 		return o, fmt.Errorf("size %d: must be positive: %w", o.Size, ErrInvalidOption)
 	}
@@ -83,13 +94,58 @@ func (o CreateOptions) normalize() (CreateOptions, error) {
 	return o, nil
 }
 
+// inheritBacking takes from the backing image what the options leave to
+// it, and refuses what would contradict it.
+func (o *CreateOptions) inheritBacking() error {
+	if (o.BackingFile == "") != (o.Backing == nil) {
+		return fmt.Errorf("backing_file %q and an open backing image: both or neither: %w", o.BackingFile, ErrInvalidOption)
+	}
+	if o.Backing == nil {
+		return nil
+	}
+	if len(o.BackingFile) > maxBackingName {
+		return fmt.Errorf("backing_file name of %d bytes: at most %d: %w", len(o.BackingFile), maxBackingName, ErrInvalidOption)
+	}
+	if o.Preallocation != PreallocOff {
+		return fmt.Errorf("preallocation %s over a backing file would hide it: %w", o.Preallocation, ErrInvalidOption)
+	}
+	bsize := o.Backing.Size()
+	if o.Size == 0 {
+		o.Size = bsize
+	}
+	bz, zoned := o.Backing.Zones()
+	if !zoned {
+		if o.Zones != nil {
+			return fmt.Errorf("zone.mode=host-managed over the plain backing file %s: %w", o.BackingFile, ErrInvalidOption)
+		}
+		return nil
+	}
+	if o.Size < bsize {
+		return fmt.Errorf("size %d: smaller than the zoned backing file's %d: %w", o.Size, bsize, ErrInvalidOption)
+	}
+	if o.Zones == nil {
+		z := bz
+		o.Zones = &z
+		return nil
+	}
+	switch {
+	case o.Zones.ZoneSize != bz.ZoneSize:
+		return fmt.Errorf("zone.size %d: the backing file's zones are %d bytes: %w", o.Zones.ZoneSize, bz.ZoneSize, ErrInvalidOption)
+	case o.Zones.ZoneCapacity != bz.ZoneCapacity:
+		return fmt.Errorf("zone.capacity %d: the backing file's is %d: %w", o.Zones.ZoneCapacity, bz.ZoneCapacity, ErrInvalidOption)
+	case o.Zones.ConventionalZones != bz.ConventionalZones:
+		return fmt.Errorf("zone.conventional_zones %d: the backing file has %d: %w", o.Zones.ConventionalZones, bz.ConventionalZones, ErrInvalidOption)
+	}
+	return nil
+}
+
 func l1EntriesFor(size, clusterSize, l2Entries int64) int64 {
 	coverage := clusterSize * l2Entries
 	return (size + coverage - 1) / coverage
 }
 
 // CreateStorage writes a new, empty image to s, which must be empty. s
-// stays open and owned by the caller.
+// (and opts.Backing) stay open and owned by the caller.
 //
 // The layout is QEMU's: the header in cluster 0, then the refcount table,
 // the refcount blocks, the L1 table and, for a zoned image, the
@@ -133,6 +189,10 @@ func CreateStorage(s Storage, opts CreateOptions) error {
 	if o.LazyRefcounts {
 		h.compatible |= compatLazyRefcounts
 	}
+	if o.Backing != nil {
+		h.backingFile = o.BackingFile
+		h.extensions = append(h.extensions, extension{typ: extBackingFmt, data: []byte("qcow2")})
+	}
 	var zext *zonedExt
 	if o.Zones != nil {
 		zext = &zonedExt{
@@ -157,7 +217,15 @@ func CreateStorage(s Storage, opts CreateOptions) error {
 		setRefcountEntry(blockArea, c, o.RefcountBits, 1)
 	}
 	if zext != nil {
-		copy(buf[zext.metaOffset:], zext.initialTable())
+		table := buf[zext.metaOffset:]
+		zext.putEntries(table, 0, zext.emptyPointers(0, int(zext.NrZones)))
+		if o.Backing != nil {
+			wps, err := o.Backing.WritePointers()
+			if err != nil {
+				return fmt.Errorf("backing file: %w", err)
+			}
+			zext.putEntries(table, 0, wps)
+		}
 	}
 	if _, err := s.WriteAt(buf, 0); err != nil {
 		return err

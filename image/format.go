@@ -113,6 +113,9 @@ type header struct {
 	extensions []extension
 	// names is the feature name table read from the file, if any.
 	names []featureName
+	// backingFile is the name of the backing file as recorded (relative
+	// to the image's directory unless absolute), "" for none.
+	backingFile string
 }
 
 func (h *header) clusterSize() int64 { return 1 << h.clusterBits }
@@ -208,9 +211,8 @@ func parseHeader(buf []byte, fileSize int64) (*header, error) {
 	if h.cryptMethod != 0 {
 		return nil, fmt.Errorf("encrypted images (crypt_method %d) are not supported: %w", h.cryptMethod, ErrUnsupported)
 	}
-	if h.backingFileOffset != 0 {
-		name := h.backingName(buf)
-		return nil, fmt.Errorf("backing files are not supported yet (backing file %q); flatten it with 'qemu-img convert' first: %w", name, ErrUnsupported)
+	if err := h.parseBacking(buf); err != nil {
+		return nil, err
 	}
 	if h.incompatible&incompatExtendedL2 != 0 && cs < 16<<10 {
 		return nil, fmt.Errorf("extended L2 entries with %d-byte clusters (minimum 16 KiB): %w", cs, ErrCorrupt)
@@ -257,12 +259,33 @@ func (h *header) checkTable(what string, off, length, fileSize uint64) error {
 	return nil
 }
 
-func (h *header) backingName(buf []byte) string {
-	end := h.backingFileOffset + uint64(h.backingFileSize)
-	if h.backingFileSize > 1023 || end > uint64(len(buf)) {
-		return "?"
+// maxBackingName is QEMU's limit on a backing file name, in bytes.
+const maxBackingName = 1023
+
+// parseBacking reads the backing file name and its format from the
+// first cluster. Only a qcow2 backing file is accepted: the one format
+// this package reads.
+func (h *header) parseBacking(buf []byte) error {
+	if h.backingFileOffset == 0 {
+		if h.backingFileSize != 0 {
+			return fmt.Errorf("backing_file_size %d without a backing_file_offset: %w", h.backingFileSize, ErrCorrupt)
+		}
+		return nil
 	}
-	return string(buf[h.backingFileOffset:end])
+	end := h.backingFileOffset + uint64(h.backingFileSize)
+	if h.backingFileSize == 0 || h.backingFileSize > maxBackingName || end > uint64(min(int64(len(buf)), h.clusterSize())) {
+		return fmt.Errorf("backing file name at %#x, %d bytes, is empty, longer than %d bytes or past the first cluster: %w",
+			h.backingFileOffset, h.backingFileSize, maxBackingName, ErrCorrupt)
+	}
+	h.backingFile = string(buf[h.backingFileOffset:end])
+	for _, e := range h.extensions {
+		if e.typ == extBackingFmt {
+			if f := string(bytes.TrimRight(e.data, "\x00")); f != "qcow2" {
+				return fmt.Errorf("backing file %q has format %q: only qcow2 backing files are supported: %w", h.backingFile, f, ErrUnsupported)
+			}
+		}
+	}
+	return nil
 }
 
 // describeBits names the set bits of one feature kind, from the image's own
@@ -374,6 +397,14 @@ func (h *header) encode() ([]byte, error) {
 		buf = buf[:withoutNames]
 	}
 	putExt(extEnd, nil)
+	h.backingFileOffset, h.backingFileSize = 0, 0
+	if h.backingFile != "" {
+		// QEMU's place for the name: right after the extensions.
+		h.backingFileOffset, h.backingFileSize = uint64(len(buf)), uint32(len(h.backingFile))
+		be.PutUint64(buf[8:], h.backingFileOffset)
+		be.PutUint32(buf[16:], h.backingFileSize)
+		buf = append(buf, h.backingFile...)
+	}
 	if int64(len(buf)) > h.clusterSize() {
 		return nil, fmt.Errorf("header and extensions take %d bytes, more than one %d-byte cluster: %w", len(buf), h.clusterSize(), ErrUnsupported)
 	}

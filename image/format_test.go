@@ -52,7 +52,17 @@ func TestBadImagesAreRefusedWithoutWriting(t *testing.T) {
 			be.PutUint32(b[16:], 8)
 			copy(b[1000:], "base.img")
 			return b
-		}), ErrUnsupported, `"base.img"`},
+		}), ErrInvalidOption, `"base.img"`},
+		{"backing file name past the cluster", mutate(func(b []byte) []byte {
+			be.PutUint64(b[8:], 65530)
+			be.PutUint32(b[16:], 8)
+			return b
+		}), ErrCorrupt, "backing file name"},
+		{"backing file name too long", mutate(func(b []byte) []byte {
+			be.PutUint64(b[8:], 1000)
+			be.PutUint32(b[16:], 2000)
+			return b
+		}), ErrCorrupt, "backing file name"},
 		{"extension past the cluster", mutate(func(b []byte) []byte {
 			be.PutUint32(b[112:], 0x12345678)
 			be.PutUint32(b[116:], 1<<20)

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
 	"sync"
 	"syscall"
 )
@@ -23,18 +24,6 @@ import (
 // Image is an open qcow2 image. Its methods are safe for concurrent use;
 // reads and writes of different ranges proceed in parallel.
 type Image struct {
-	file     Storage
-	path     string
-	readOnly bool
-
-	clusterSize     int64
-	clusterBits     uint
-	l2Entries       int64 // entries in one L2 table
-	extendedL2      bool
-	subclusterSize  int64
-	refblockEntries int64
-	size            int64
-
 	// clusterBufs holds cluster-sized buffers for the copy-on-write of a
 	// partial write to a new cluster, so that a random small-write workload
 	// does not allocate a cluster per request (and the collector, with its
@@ -46,8 +35,34 @@ type Image struct {
 	// operation still uses.
 	gate sync.RWMutex
 
-	// mu guards everything below: the tables and the allocator.
-	mu             sync.Mutex
+	// mu guards the tables and the allocator in fileState.
+	mu sync.Mutex
+
+	fileState
+}
+
+// fileState is what an Image knows of its file. SnapshotTo, which moves an
+// open image onto a new overlay file, replaces it whole.
+type fileState struct {
+	file     Storage
+	path     string
+	readOnly bool
+	// reopen is how the file was opened (journal directory, boot id,
+	// cache size), for the overlay SnapshotTo opens in its place.
+	reopen OpenOptions
+	// backing is the read-only image that clusters this one does not
+	// hold read from; nil for none. depth counts the images below.
+	backing *Image
+	depth   int
+
+	clusterSize     int64
+	clusterBits     uint
+	l2Entries       int64 // entries in one L2 table
+	extendedL2      bool
+	subclusterSize  int64
+	refblockEntries int64
+	size            int64
+
 	hdr            *header
 	l1             []uint64
 	l1DirtyLo      int64 // dirty L1 entries are [l1DirtyLo, l1DirtyHi)
@@ -90,6 +105,12 @@ type Image struct {
 // (dirty bit) or a journal was replayed, rebuilds its refcounts before
 // returning.
 func Open(path string, opts OpenOptions) (*Image, error) {
+	return openChain(path, opts, 0)
+}
+
+// openChain opens the image at path, depth images below the top of its
+// chain, and its backing chain.
+func openChain(path string, opts OpenOptions, depth int) (*Image, error) {
 	if opts.JournalDir != "" && opts.Journal != nil {
 		return nil, fmt.Errorf("%s: both JournalDir and Journal given: %w", path, ErrInvalidOption)
 	}
@@ -106,6 +127,7 @@ func Open(path string, opts OpenOptions) (*Image, error) {
 		}
 		opts.Journal, journalPath = jf, p
 	}
+	journalDir := opts.JournalDir
 	opts.JournalDir = ""
 	img, err := openStorage(f, opts, journalPath)
 	if err != nil {
@@ -116,18 +138,59 @@ func Open(path string, opts OpenOptions) (*Image, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	img.path = path
+	img.reopen = OpenOptions{JournalDir: journalDir, CacheSize: opts.CacheSize, BootID: opts.BootID}
+	if name := img.hdr.backingFile; name != "" {
+		b, err := openBacking(path, name, opts.CacheSize, depth+1)
+		if err != nil {
+			img.Close()
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		img.backing, img.depth = b, b.depth+1
+	}
 	return img, nil
 }
 
-// OpenStorage opens an image on s. The image owns s (and opts.Journal)
-// from then on and closes it on Close; if the open fails, they are the
-// caller's to close. JournalDir is refused: only Open has a file to name
-// the journal after.
+// MaxBackingDepth bounds a backing chain: the images below one, each read
+// through for what the one above does not hold. It also ends a chain that
+// loops.
+const MaxBackingDepth = 64
+
+// openBacking opens, read-only, the backing file name that the image at
+// path records, resolved as QEMU does: relative to that image's directory.
+func openBacking(path, name string, cacheSize int64, depth int) (*Image, error) {
+	if depth > MaxBackingDepth {
+		return nil, fmt.Errorf("backing chain deeper than %d images (or a loop) at %q: %w", MaxBackingDepth, name, ErrUnsupported)
+	}
+	if !filepath.IsAbs(name) {
+		name = filepath.Join(filepath.Dir(path), name)
+	}
+	b, err := openChain(name, OpenOptions{ReadOnly: true, CacheSize: cacheSize}, depth)
+	if err != nil {
+		return nil, fmt.Errorf("backing file: %w", err)
+	}
+	return b, nil
+}
+
+// OpenStorage opens an image on s. The image owns s (and opts.Journal,
+// opts.Backing) from then on and closes it on Close; if the open fails,
+// they are the caller's to close. JournalDir is refused: only Open has a
+// file to name the journal after. An image with a backing file needs it
+// open in opts.Backing.
 func OpenStorage(s Storage, opts OpenOptions) (*Image, error) {
 	if opts.JournalDir != "" {
 		return nil, fmt.Errorf("JournalDir needs a file opened by Open; give OpenStorage a Journal: %w", ErrInvalidOption)
 	}
-	return openStorage(s, opts, "")
+	img, err := openStorage(s, opts, "")
+	if err != nil {
+		return nil, err
+	}
+	if name := img.hdr.backingFile; name != "" || opts.Backing != nil {
+		if name == "" || opts.Backing == nil {
+			return nil, fmt.Errorf("backing file %q, and %v given in OpenOptions.Backing: both or neither: %w", name, opts.Backing != nil, ErrInvalidOption)
+		}
+		img.backing, img.depth = opts.Backing, opts.Backing.depth+1
+	}
+	return img, nil
 }
 
 // openStorage opens an image on s with the journal opts.Journal, if any,
@@ -173,7 +236,7 @@ func openImage(s Storage, opts OpenOptions) (*Image, error) {
 		}
 	}
 	cs := h.clusterSize()
-	img := &Image{
+	img := &Image{fileState: fileState{
 		file:            s,
 		readOnly:        opts.ReadOnly,
 		clusterSize:     cs,
@@ -187,7 +250,7 @@ func openImage(s Storage, opts OpenOptions) (*Image, error) {
 		l1DirtyLo:       -1,
 		refTableOffset:  int64(h.refcountTableOffset),
 		inflight:        make(map[int64]chan struct{}),
-	}
+	}}
 	cacheSize := opts.CacheSize
 	if cacheSize <= 0 {
 		cacheSize = DefaultCacheSize
@@ -300,10 +363,19 @@ func (img *Image) startOp(op string, off, n int64, write bool) error {
 type mapKind uint8
 
 const (
-	mapZero       mapKind = iota // unallocated or zero: reads as zeros
+	mapZero       mapKind = iota // zero, or unallocated without a backing file: reads as zeros
 	mapData                      // data at a host offset
 	mapCompressed                // inside a compressed cluster
+	mapBacking                   // unallocated: reads from the backing file
 )
+
+// absent is how bytes this image holds nothing for read.
+func (img *Image) absent() mapKind {
+	if img.backing != nil {
+		return mapBacking
+	}
+	return mapZero
+}
 
 // mapping describes the guest bytes [off, off+n) of one cluster.
 type mapping struct {
@@ -378,22 +450,30 @@ func (img *Image) classify(e l2Entry, in int64) (mapping, error) {
 		return mapping{}, fmt.Errorf("L2 entry %#x: data offset %#x is not cluster aligned: %w", e.std, host, ErrCorrupt)
 	}
 	if !img.extendedL2 {
-		if e.std&flagZero != 0 || host == 0 {
+		if e.std&flagZero != 0 {
 			return mapping{kind: mapZero, n: rest}, nil
+		}
+		if host == 0 {
+			return mapping{kind: img.absent(), n: rest}, nil
 		}
 		return mapping{kind: mapData, host: host + in, n: rest}, nil
 	}
 	if e.bitmap&allAllocated&(e.bitmap>>32) != 0 {
 		return mapping{}, fmt.Errorf("L2 bitmap %#x: subclusters both allocated and zero: %w", e.bitmap, ErrCorrupt)
 	}
+	// A subcluster is allocated, zero, or neither (unallocated).
+	state := func(sc int64) uint64 { return (e.bitmap>>sc)&1 | (e.bitmap>>(32+sc)&1)<<1 }
 	sc := in / img.subclusterSize
-	allocated := e.bitmap&(1<<sc) != 0
+	first := state(sc)
 	end := sc + 1
-	for end < 32 && (e.bitmap&(1<<end) != 0) == allocated {
+	for end < 32 && state(end) == first {
 		end++
 	}
 	n := end*img.subclusterSize - in
-	if !allocated {
+	switch first {
+	case 0:
+		return mapping{kind: img.absent(), n: n}, nil
+	case 2:
 		return mapping{kind: mapZero, n: n}, nil
 	}
 	if host == 0 {
@@ -457,7 +537,7 @@ func (img *Image) lookup(off int64) (mapping, error) {
 	l1i, l2i, in := img.l1Index(off)
 	t, err := img.l2Table(l1i, false)
 	if err != nil || t == nil {
-		return mapping{kind: mapZero, n: (img.l2Entries-l2i)*img.clusterSize - in}, err
+		return mapping{kind: img.absent(), n: (img.l2Entries-l2i)*img.clusterSize - in}, err
 	}
 	return img.classify(img.l2Get(t, l2i), in)
 }
@@ -493,6 +573,8 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 			err = readFull(img.file, dst, m.host)
 		case mapCompressed:
 			err = img.readCompressed(m.entry, (off+done)%img.clusterSize, dst)
+		case mapBacking:
+			err = img.readBacking(dst, off+done)
 		}
 		if err != nil {
 			return int(done), fmt.Errorf("read at %#x: %w", off+done, err)
@@ -500,6 +582,18 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 		done += n
 	}
 	return len(p), nil
+}
+
+// readBacking reads what the backing file holds at off; past its end,
+// an image larger than its backing file reads zeros.
+func (img *Image) readBacking(dst []byte, off int64) error {
+	n := max(0, min(int64(len(dst)), img.backing.Size()-off))
+	clear(dst[n:])
+	if n == 0 {
+		return nil
+	}
+	_, err := img.backing.ReadAt(dst[:n], off)
+	return err
 }
 
 // compressedRange decodes a compressed cluster descriptor into the file
@@ -529,8 +623,9 @@ func (img *Image) readCompressed(desc uint64, in int64, dst []byte) error {
 	return nil
 }
 
-// readCluster reads a whole cluster as it currently reads, given its entry.
-func (img *Image) readCluster(e l2Entry, dst []byte) error {
+// readCluster reads the whole cluster at guest offset guest as it
+// currently reads, given its entry.
+func (img *Image) readCluster(e l2Entry, guest int64, dst []byte) error {
 	for in := int64(0); in < img.clusterSize; {
 		m, err := img.classify(e, in)
 		if err != nil {
@@ -544,6 +639,8 @@ func (img *Image) readCluster(e l2Entry, dst []byte) error {
 			err = readFull(img.file, part, m.host)
 		case mapCompressed:
 			err = img.readCompressed(m.entry, in, part)
+		case mapBacking:
+			err = img.readBacking(part, guest+in)
 		}
 		if err != nil {
 			return err
@@ -665,7 +762,7 @@ func (img *Image) writeRun(p []byte, off int64) (int, error) {
 	img.mu.Unlock()
 
 	n := min(k*img.clusterSize-in, int64(len(p)))
-	werr := img.writeNewClusters(p[:n], in, host, old)
+	werr := img.writeNewClusters(p[:n], guest*img.clusterSize, in, host, old)
 
 	img.mu.Lock()
 	defer img.mu.Unlock()
@@ -698,9 +795,10 @@ func (img *Image) writeRun(p []byte, off int64) (int, error) {
 	return int(n), nil
 }
 
-// writeNewClusters writes p at offset in of the clusters at host, filling
-// the rest of the first and last cluster with what they read as before.
-func (img *Image) writeNewClusters(p []byte, in, host int64, old []l2Entry) error {
+// writeNewClusters writes p at offset in of the clusters at host (guest
+// offset guest), filling the rest of the first and last cluster with what
+// they read as before.
+func (img *Image) writeNewClusters(p []byte, guest, in, host int64, old []l2Entry) error {
 	cs := img.clusterSize
 	k := int64(len(old))
 	tail := (in + int64(len(p))) % cs
@@ -721,12 +819,12 @@ func (img *Image) writeNewClusters(p []byte, in, host int64, old []l2Entry) erro
 		buf = make([]byte, k*cs)
 	}
 	if in != 0 {
-		if err := img.readCluster(old[0], buf[:cs]); err != nil {
+		if err := img.readCluster(old[0], guest, buf[:cs]); err != nil {
 			return err
 		}
 	}
 	if tail != 0 && (k > 1 || in == 0) {
-		if err := img.readCluster(old[k-1], buf[(k-1)*cs:]); err != nil {
+		if err := img.readCluster(old[k-1], guest+(k-1)*cs, buf[(k-1)*cs:]); err != nil {
 			return err
 		}
 	}
@@ -765,8 +863,8 @@ func (img *Image) WriteZeroes(off, length int64, unmap bool) error {
 	}
 	defer img.gate.RUnlock()
 	return img.commitAfter(img.zeroRange(off, length, func(e l2Entry) l2Entry {
-		if img.unallocated(e) {
-			return e // reads as zeros already: there is no backing file
+		if img.unallocated(e) && img.backing == nil {
+			return e // reads as zeros already
 		}
 		if !unmap && e.std&(flagCompressed|flagCopied) == flagCopied {
 			return img.zeroEntry(int64(e.std & offsetMask))
@@ -777,13 +875,19 @@ func (img *Image) WriteZeroes(off, length int64, unmap bool) error {
 
 // Discard drops the data of the whole clusters in [off, off+length): they
 // read as zeros afterwards and their space is freed. Partial clusters at the
-// ends are left as they are, as a discard is only advice.
+// ends are left as they are, as a discard is only advice. Over a backing
+// file the clusters become zero clusters, as QEMU makes them: unallocated,
+// they would read the backing file's data again.
 func (img *Image) Discard(off, length int64) error {
 	if err := img.startOp("discard", off, length, true); err != nil {
 		return err
 	}
 	defer img.gate.RUnlock()
-	return img.commitAfter(img.zeroRange(off, length, func(l2Entry) l2Entry { return l2Entry{} }, false))
+	gone := l2Entry{}
+	if img.backing != nil {
+		gone = img.zeroEntry(0)
+	}
+	return img.commitAfter(img.zeroRange(off, length, func(l2Entry) l2Entry { return gone }, false))
 }
 
 // zeroRange gives every whole cluster in the range the entry replace
@@ -834,9 +938,11 @@ func (img *Image) replaceEntries(off, end int64, replace func(l2Entry) l2Entry) 
 			return 0, nil
 		}
 	}
-	t, err := img.l2Table(l1i, false)
+	// Without an L2 table the range reads as zeros already, unless it
+	// reads the backing file.
+	t, err := img.l2Table(l1i, img.backing != nil)
 	if err != nil || t == nil {
-		return n, err // no L2 table: unallocated, reads as zeros already
+		return n, err
 	}
 	for i := range n / img.clusterSize {
 		if _, err := img.classify(img.l2Get(t, l2i+i), 0); err != nil {
@@ -933,7 +1039,11 @@ func (img *Image) Close() error {
 			err = img.writeback()
 		}
 	}
-	return errors.Join(err, img.closeJournal(err == nil), img.file.Close())
+	err = errors.Join(err, closeJournal(img.journal, err == nil), img.file.Close())
+	if img.backing != nil {
+		err = errors.Join(err, img.backing.Close())
+	}
+	return err
 }
 
 // commitAfter appends the journal batch of a mutating call that ended
@@ -960,15 +1070,48 @@ func (img *Image) Map(off, length int64) ([]Extent, error) {
 			return nil, err
 		}
 		n := min(m.n, off+length-pos)
-		ext := Extent{Offset: pos, Length: n, Data: m.kind != mapZero, Zero: m.kind == mapZero}
-		if k := len(out); k > 0 && out[k-1].Data == ext.Data && out[k-1].Zero == ext.Zero {
-			out[k-1].Length += n
+		if m.kind == mapBacking {
+			below, err := img.mapBacking(pos, n)
+			if err != nil {
+				return nil, err
+			}
+			for _, ext := range below {
+				out = appendExtent(out, ext)
+			}
 		} else {
-			out = append(out, ext)
+			out = appendExtent(out, Extent{Offset: pos, Length: n, Data: m.kind != mapZero, Zero: m.kind == mapZero})
 		}
 		pos += n
 	}
 	return out, nil
+}
+
+// mapBacking maps [off, off+n), which this image leaves to its backing
+// file, as the backing file stores it; past its end, as zeros.
+func (img *Image) mapBacking(off, n int64) ([]Extent, error) {
+	in := max(0, min(n, img.backing.Size()-off))
+	var out []Extent
+	if in > 0 {
+		below, err := img.backing.Map(off, in)
+		if err != nil {
+			return nil, fmt.Errorf("backing file: %w", err)
+		}
+		out = below
+	}
+	if in < n {
+		out = append(out, Extent{Offset: off + in, Length: n - in, Zero: true})
+	}
+	return out, nil
+}
+
+// appendExtent appends ext to out, merging it into the last extent when
+// they are stored the same way.
+func appendExtent(out []Extent, ext Extent) []Extent {
+	if k := len(out); k > 0 && out[k-1].Data == ext.Data && out[k-1].Zero == ext.Zero {
+		out[k-1].Length += ext.Length
+		return out
+	}
+	return append(out, ext)
 }
 
 // Info describes the image.
@@ -989,6 +1132,12 @@ func (img *Image) Info() Info {
 		Dirty:           h.incompatible&incompatDirty != 0,
 		Corrupt:         h.incompatible&incompatCorrupt != 0,
 		JournalReplayed: img.journalReplayed,
+	}
+	if name := h.backingFile; name != "" {
+		info.BackingFilename, info.FullBackingFilename, info.BackingFormat = name, name, "qcow2"
+		if !filepath.IsAbs(name) && img.path != "" {
+			info.FullBackingFilename = filepath.Join(filepath.Dir(img.path), name)
+		}
 	}
 	if img.zones != nil {
 		z := img.zones.Zones

@@ -599,8 +599,7 @@ func openJournalFile(dir string, f osFile) (osFile, string, error) {
 // closeJournal closes the journal at Close. After a clean flush nothing in
 // it is needed: the file is removed (storage given by the caller is
 // truncated to nothing, which opens as no journal).
-func (img *Image) closeJournal(flushed bool) error {
-	j := img.journal
+func closeJournal(j *journal, flushed bool) error {
 	if j == nil {
 		return nil
 	}

@@ -331,14 +331,6 @@ func (img *Image) writeWritePointers() error {
 	return nil
 }
 
-// initialTable builds the initial write-pointer table: every sequential zone
-// empty, every conventional zone flagged.
-func (z *zonedExt) initialTable() []byte {
-	b := make([]byte, z.metaSize)
-	z.putEntries(b, 0, z.emptyPointers(0, int(z.NrZones)))
-	return b
-}
-
 // emptyPointers are the write pointers of zones lo..hi-1 when empty: their
 // starts.
 func (z *zonedExt) emptyPointers(lo, hi int) []int64 {

@@ -92,9 +92,12 @@ func formattingLine(file string, spec *imageopt.CreateSpec) string {
 }
 
 func createUsage(w io.Writer) {
-	fmt.Fprintf(w, `Usage: zq-csi image create [-q] [-f qcow2] [-o OPTIONS]... FILE [SIZE]
+	fmt.Fprintf(w, `Usage: zq-csi image create [-q] [-f qcow2] [-b BACKING [-F qcow2]] [-o OPTIONS]... FILE [SIZE]
 
-Create a qcow2 image of SIZE bytes. SIZE takes a unit: k, M, G, T, P, E
+Create a qcow2 image of SIZE bytes. With -b, the image is a copy-on-write
+overlay of the qcow2 image BACKING (a name relative to FILE's directory,
+as qemu-img resolves it): SIZE defaults to BACKING's, and a zoned BACKING
+gives the overlay its zones and write pointers. SIZE takes a unit: k, M, G, T, P, E
 (powers of 1024, case-insensitive), or the forms 64KiB, 64MiB and 64Mi. A
 fraction needs a unit (1.5G). FILE must not exist.
 
@@ -114,6 +117,8 @@ func runImageCreate(e *env, args []string) int {
 	fs := newFlagSet(e.prog)
 	format := fs.String("f", "qcow2", "image format (only qcow2)")
 	quiet := fs.Bool("q", false, "print nothing on success")
+	backing := fs.String("b", "", "backing file (qcow2)")
+	backingFormat := fs.String("F", "qcow2", "backing file format (only qcow2)")
 	var olists listFlag
 	fs.Var(&olists, "o", "options KEY=VALUE[,KEY=VALUE...]")
 	operands, err := parseInterspersed(fs, args)
@@ -126,6 +131,9 @@ func runImageCreate(e *env, args []string) int {
 	}
 	if err := checkFormat(*format); err != nil {
 		return e.fail(err, createUsage)
+	}
+	if err := checkFormat(*backingFormat); err != nil {
+		return e.fail(usagef("-F: %v", err), createUsage)
 	}
 	spec := &imageopt.CreateSpec{}
 	help, err := applyCreateOptions(spec, olists)
@@ -148,10 +156,13 @@ func runImageCreate(e *env, args []string) int {
 			return e.fail(usagef("%v", err), createUsage)
 		}
 		spec.SetSize(n)
-	case !spec.Given("size"):
+	case !spec.Given("size") && *backing == "":
 		return e.fail(usagef("missing SIZE"), createUsage)
 	}
 	file := operands[0]
+	if *backing != "" {
+		return e.createOverlay(file, *backing, spec, *quiet)
+	}
 	geom, err := spec.Geometry()
 	if err != nil {
 		return e.fail(usagef("%v", err), nil)
@@ -186,6 +197,23 @@ func runImageCreate(e *env, args []string) int {
 		if errors.Is(err, zoned.ErrInvalidGeometry) {
 			return e.fail(usagef("%v", err), nil)
 		}
+		return e.fail(err, nil)
+	}
+	return exitOK
+}
+
+// createOverlay creates file over the backing file: its zones, if any,
+// are the backing file's, so zone options are refused.
+func (e *env) createOverlay(file, backing string, spec *imageopt.CreateSpec, quiet bool) int {
+	if geom, err := spec.Geometry(); err != nil || geom != nil {
+		return e.fail(usagef("-b: a zoned overlay takes its zones from the backing file; give no zone.* options"), nil)
+	}
+	opts := spec.Options()
+	opts.BackingFile = backing
+	if !quiet {
+		fmt.Fprintf(e.stdout, "%s backing_file=%s backing_fmt=qcow2\n", formattingLine(file, spec), backing)
+	}
+	if err := image.Create(file, opts); err != nil {
 		return e.fail(err, nil)
 	}
 	return exitOK
@@ -279,6 +307,13 @@ func runImageInfo(e *env, args []string) int {
 	fmt.Fprintf(w, "virtual size: %s (%d bytes)\n", sizeToStr(info.VirtualSize), info.VirtualSize)
 	fmt.Fprintf(w, "disk size: %s\n", sizeToStr(info.ActualSize))
 	fmt.Fprintf(w, "cluster_size: %d\n", info.ClusterSize)
+	if info.BackingFilename != "" {
+		fmt.Fprintf(w, "backing file: %s", info.BackingFilename)
+		if info.FullBackingFilename != info.BackingFilename {
+			fmt.Fprintf(w, " (actual path: %s)", info.FullBackingFilename)
+		}
+		fmt.Fprintf(w, "\nbacking file format: %s\n", info.BackingFormat)
+	}
 	fmt.Fprintf(w, "Format specific information:\n")
 	fmt.Fprintf(w, "    compat: %s\n", compatString(info.Version))
 	if info.Version >= 3 {

@@ -780,3 +780,54 @@ func TestInteropEmptiedL2Table(t *testing.T) {
 		})
 	}
 }
+
+// ---- backing chains ------------------------------------------------------
+
+// TestInteropBackingChains: an overlay zq-csi makes over its own image
+// passes qemu-img check and reads the same in qemu-io, including what the
+// overlay discarded over the backing file's data; and an overlay qemu-img
+// makes over zq-csi's image works in zq-csi.
+func TestInteropBackingChains(t *testing.T) {
+	interop(t)
+	const cs, size = 64 << 10, 16 << 20
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.qcow2")
+	mustOK(t, "zq-csi image create", zq(t, "image", "create", "-q", base, fmt.Sprint(size)))
+	m := make(model, size)
+	ops := writePlan(cs, size)
+	m.apply(ops)
+	mustOK(t, "zq-csi io", zq(t, append(append([]string{"io"}, ioArgs(commands(ops))...), base)...))
+
+	for _, maker := range []string{"zq-csi", "qemu-img"} {
+		t.Run("overlay by "+maker, func(t *testing.T) {
+			top := filepath.Join(dir, maker+".qcow2")
+			if maker == "zq-csi" {
+				mustOK(t, "zq-csi image create -b", zq(t, "image", "create", "-q", "-b", "base.qcow2", "-F", "qcow2", top))
+			} else {
+				mustOK(t, "qemu-img create -b", runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top))
+			}
+			mt := append(model(nil), m...)
+			more := []diskOp{
+				{opWrite, cs - 7, 3 * cs, 0x55},    // partial clusters over backing data
+				{opDiscard, 8 * cs, 4 * cs, 0},     // backing data must not show through
+				{opWrite, size - 4096, 4096, 0x56}, // over a hole of the backing file
+			}
+			mt.apply(more)
+			other := map[string]string{"zq-csi": "qemu-io", "qemu-img": "zq-csi"}[maker]
+			writer := map[string]string{"zq-csi": "zq-csi", "qemu-img": "qemu-io"}[maker]
+			if writer == "zq-csi" {
+				mustOK(t, "zq-csi io", zq(t, append(append([]string{"io"}, ioArgs(commands(more))...), top)...))
+			} else {
+				mustOK(t, "qemu-io", runTool(t, "qemu-io", append(append([]string{"-f", "qcow2"}, ioArgs(commands(more))...), top)...))
+			}
+			qemuImgCheckClean(t, top)
+			zqCheckClean(t, top)
+			verifyWith(t, other, top, mt)
+			verifyWith(t, writer, top, mt)
+			verifyWith(t, "qemu-io", base, m) // the backing file is as it was
+			if info := qemuInfo(t, top); info["backing-filename"] != "base.qcow2" || info["backing-filename-format"] != "qcow2" {
+				t.Fatalf("qemu-img info: %v", info)
+			}
+		})
+	}
+}
