@@ -688,12 +688,16 @@ func TestInteropBadInputRefusedAndUnchanged(t *testing.T) {
 			putU64(t, f, offIncompat, 1<<3)
 			writeAt(t, f, offCompressionType, []byte{1})
 		}, `(?i)compression type`, badHeader},
-		{"backing file", func(t *testing.T, f string) {
+		{"raw backing file", func(t *testing.T, f string) {
 			base := f + ".base"
-			mustOK(t, "qemu-img create", runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "1M"))
+			mustOK(t, "qemu-img create", runTool(t, "qemu-img", "create", "-q", "-f", "raw", base, "1M"))
 			os.Remove(f)
-			mustOK(t, "qemu-img create -b", runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", f))
-		}, `(?i)backing file`, badHeader},
+			mustOK(t, "qemu-img create -b", runTool(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", f))
+		}, `format "raw": only qcow2 backing files are supported`, badHeader},
+		{"missing backing file", func(t *testing.T, f string) {
+			os.Remove(f)
+			mustOK(t, "qemu-img create -u -b", runTool(t, "qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", f, "1M"))
+		}, `backing file: open .*gone.qcow2: no such file`, badHeader},
 		{"corrupt bit", func(t *testing.T, f string) { putU64(t, f, offIncompat, 1<<1) }, `(?i)corrupt`, badForWrite},
 		{"internal snapshot", func(t *testing.T, f string) {
 			mustOK(t, "qemu-img snapshot", runTool(t, "qemu-img", "snapshot", "-c", "snap1", f))
