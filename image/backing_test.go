@@ -3,6 +3,7 @@ package image
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -391,4 +392,74 @@ func TestSnapshotToCrashAtEachStepLeavesAConsistentChain(t *testing.T) {
 			checkClean(t, c.top)
 		})
 	}
+}
+
+// TestSnapshotToUnderConcurrentWrites: writers keep going through a
+// snapshot; each sees its own writes, the snapshot holds, for each writer,
+// a value it wrote before the last one, and the image holds the last.
+func TestSnapshotToUnderConcurrentWrites(t *testing.T) {
+	c := newChain(t, CreateOptions{})
+	img, err := Open(c.top, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const writers, rounds = 4, 200
+	done := make(chan error, writers)
+	started := make(chan struct{}, writers)
+	for w := range writers {
+		go func() {
+			off := int64(w) * 2 << 20
+			for i := 1; i <= rounds; i++ {
+				p := bytes.Repeat([]byte{byte(i)}, 4096)
+				if _, err := img.WriteAt(p, off); err != nil {
+					done <- err
+					return
+				}
+				got := make([]byte, 4096)
+				if _, err := img.ReadAt(got, off); err != nil || !bytes.Equal(got, p) {
+					done <- fmt.Errorf("writer %d round %d reads back wrong: %v", w, i, err)
+					return
+				}
+				if i == rounds/4 {
+					started <- struct{}{}
+				}
+			}
+			done <- nil
+		}()
+	}
+	for range writers {
+		<-started
+	}
+	snap := filepath.Join(c.dir, "snap.qcow2")
+	if err := img.SnapshotTo(snap); err != nil {
+		t.Fatal(err)
+	}
+	for range writers {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	s, err := Open(snap, OpenOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for w := range writers {
+		off := int64(w) * 2 << 20
+		got := make([]byte, 4096)
+		if _, err := s.ReadAt(got, off); err != nil {
+			t.Fatal(err)
+		}
+		if v := got[0]; int(v) < rounds/4 || int(v) > rounds || !bytes.Equal(got, bytes.Repeat([]byte{v}, 4096)) {
+			t.Fatalf("writer %d: the snapshot holds round %d, or a torn write", w, v)
+		}
+		if _, err := img.ReadAt(got, off); err != nil || got[0] != byte(rounds) {
+			t.Fatalf("writer %d: the image holds round %d, want %d", w, got[0], rounds)
+		}
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	checkClean(t, c.top)
+	checkClean(t, snap)
 }

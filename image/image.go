@@ -38,15 +38,20 @@ type Image struct {
 	// mu guards the tables and the allocator in fileState.
 	mu sync.Mutex
 
+	// Fixed for the image's life, read without a lock: SnapshotTo keeps
+	// them in the overlay it moves onto.
+	readOnly    bool
+	clusterSize int64
+	clusterBits uint
+
 	fileState
 }
 
 // fileState is what an Image knows of its file. SnapshotTo, which moves an
 // open image onto a new overlay file, replaces it whole.
 type fileState struct {
-	file     Storage
-	path     string
-	readOnly bool
+	file Storage
+	path string
 	// reopen is how the file was opened (journal directory, boot id,
 	// cache size), for the overlay SnapshotTo opens in its place.
 	reopen OpenOptions
@@ -55,8 +60,6 @@ type fileState struct {
 	backing *Image
 	depth   int
 
-	clusterSize     int64
-	clusterBits     uint
 	l2Entries       int64 // entries in one L2 table
 	extendedL2      bool
 	subclusterSize  int64
@@ -236,11 +239,8 @@ func openImage(s Storage, opts OpenOptions) (*Image, error) {
 		}
 	}
 	cs := h.clusterSize()
-	img := &Image{fileState: fileState{
+	img := &Image{readOnly: opts.ReadOnly, clusterSize: cs, clusterBits: uint(h.clusterBits), fileState: fileState{
 		file:            s,
-		readOnly:        opts.ReadOnly,
-		clusterSize:     cs,
-		clusterBits:     uint(h.clusterBits),
 		l2Entries:       h.l2Entries(),
 		extendedL2:      h.incompatible&incompatExtendedL2 != 0,
 		subclusterSize:  cs / 32,
