@@ -194,3 +194,27 @@ func syncParent(dir string) error {
 	defer d.Close()
 	return d.Sync()
 }
+
+// BackingFile returns the backing file name the image at path records
+// ("" for none), reading only its header and taking no lock: the header
+// of an image in use changes only when it grows or is snapshotted.
+func BackingFile(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return "", err
+	}
+	buf := make([]byte, min(st.Size(), MaxClusterSize))
+	if err := readTable(osFile{f}, buf, 0, "header"); err != nil {
+		return "", fmt.Errorf("%s: %w", path, err)
+	}
+	h, err := parseHeader(buf, st.Size())
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", path, err)
+	}
+	return h.backingFile, nil
+}
