@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"path/filepath"
 	"strconv"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
 
+	"github.com/zq-csi/zq-csi/image"
 	"github.com/zq-csi/zq-csi/volume"
 	"github.com/zq-csi/zq-csi/zoned"
 )
@@ -24,6 +26,9 @@ func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCa
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
 		csi.ControllerServiceCapability_RPC_EXPAND_VOLUME,
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
+		csi.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+		csi.ControllerServiceCapability_RPC_CLONE_VOLUME,
 	} {
 		caps = append(caps, &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{
 			Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}})
@@ -86,9 +91,6 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return nil, statusf(codes.InvalidArgument, "CreateVolume %s: %v", name, err)
 	}
-	if req.GetVolumeContentSource() != nil {
-		return nil, statusf(codes.InvalidArgument, "CreateVolume %s: snapshots and clones are not supported", name)
-	}
 	params, err := ParseParameters(req.GetParameters())
 	if err != nil {
 		return nil, statusf(codes.InvalidArgument, "CreateVolume %s: %v", name, err)
@@ -119,7 +121,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		if m.Name != name || !fits || !maps.Equal(m.Parameters, req.GetParameters()) {
 			return nil, statusf(codes.AlreadyExists, "CreateVolume %s: a volume of that name exists with size %d and other parameters (%v)", name, m.Size, m.Parameters)
 		}
-		return &csi.CreateVolumeResponse{Volume: d.csiVolume(m)}, nil
+		v := d.csiVolume(m)
+		v.ContentSource = req.GetVolumeContentSource()
+		return &csi.CreateVolumeResponse{Volume: v}, nil
 	case !errors.Is(err, os.ErrNotExist):
 		return nil, statusf(codes.Internal, "CreateVolume %s: %v", name, err)
 	}
@@ -129,7 +133,22 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		// first write would not fit.
 		return nil, statusf(codes.ResourceExhausted, "CreateVolume %s: pool %s has %d bytes free", name, d.cfg.Pool, free)
 	}
-	if err := d.createImage(id, params, size, g); err != nil {
+	var base string
+	if src := req.GetVolumeContentSource(); src != nil {
+		var holds int64
+		var release func()
+		if base, holds, release, err = d.contentBase(id, src, g); err != nil {
+			return nil, err
+		}
+		defer release()
+		if holds > size {
+			return nil, statusf(codes.OutOfRange, "CreateVolume %s: its source holds %d bytes, more than the %d asked for", name, holds, size)
+		}
+	}
+	if err := d.createImage(id, params, size, g, base); err != nil {
+		if errors.Is(err, image.ErrInvalidOption) {
+			return nil, statusf(codes.InvalidArgument, "CreateVolume %s: %v", name, err)
+		}
 		return nil, statusf(codes.Internal, "CreateVolume %s: %v", name, err)
 	}
 	m = &volumeMeta{ID: id, Name: name, Size: size, Parameters: req.GetParameters(), Attach: params.Attach}
@@ -140,18 +159,27 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 		os.Remove(d.pool.imagePath(id))
 		return nil, statusf(codes.Internal, "CreateVolume %s: %v", name, err)
 	}
-	klog.InfoS("created volume", "name", name, "id", id, "size", size, "zoneSize", g.ZoneSize, "zones", g.NumZones())
-	return &csi.CreateVolumeResponse{Volume: d.csiVolume(m)}, nil
+	klog.InfoS("created volume", "name", name, "id", id, "size", size, "zoneSize", g.ZoneSize, "zones", g.NumZones(), "from", base)
+	v := d.csiVolume(m)
+	v.ContentSource = req.GetVolumeContentSource()
+	return &csi.CreateVolumeResponse{Volume: v}, nil
 }
 
 // createImage creates the volume's image under a temporary name and renames
-// it into place, replacing what an interrupted create left.
-func (d *Driver) createImage(id string, params VolumeParams, size int64, g zoned.Geometry) error {
+// it into place, replacing what an interrupted create left. With a base,
+// the image is an overlay of it, with its zone conditions.
+func (d *Driver) createImage(id string, params VolumeParams, size int64, g zoned.Geometry, base string) error {
 	path := d.pool.imagePath(id)
 	tmp := path + ".creating"
 	os.Remove(tmp)
 	opts := params.Spec.Options()
 	opts.Size = size
+	if base != "" {
+		opts.BackingFile = filepath.Base(base)
+		if err := volume.CopyConditions(base, path); err != nil {
+			return err
+		}
+	}
 	if _, err := volume.CreateZoned(tmp, opts, g); err != nil {
 		os.Remove(tmp)
 		return err
@@ -194,6 +222,9 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest)
 	}
 	if err := d.pool.remove(id); err != nil {
 		return nil, statusf(codes.Internal, "DeleteVolume %s: %v", id, err)
+	}
+	if err := d.collect(); err != nil {
+		return nil, statusf(codes.Internal, "DeleteVolume %s: the snapshots it read through: %v", id, err)
 	}
 	klog.InfoS("deleted volume", "id", id)
 	return &csi.DeleteVolumeResponse{}, nil

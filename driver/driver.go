@@ -128,6 +128,12 @@ func New(cfg Config) (*Driver, error) {
 		d.node = n
 		d.readopt()
 	}
+	if cfg.Mode != ModeNode {
+		// What a snapshot or a deletion cut short left.
+		if err := d.pool.collect(); err != nil {
+			klog.ErrorS(err, "collecting the pool's unused snapshot images; they stay until the next deletion", "pool", cfg.Pool)
+		}
+	}
 	return d, nil
 }
 
@@ -144,22 +150,45 @@ func (d *Driver) journalDir() string {
 
 // lock takes volume id's lock and returns its release.
 func (d *Driver) lock(id string) func() {
+	l := d.lockRef(id)
+	l.mu.Lock()
+	return func() { d.unlock(id, l) }
+}
+
+// tryLock takes volume id's lock if no one holds it: for a request that
+// holds another volume's lock already and must not wait (two clones of
+// each other would wait forever).
+func (d *Driver) tryLock(id string) (release func(), ok bool) {
+	l := d.lockRef(id)
+	if !l.mu.TryLock() {
+		d.lockUnref(id, l)
+		return nil, false
+	}
+	return func() { d.unlock(id, l) }, true
+}
+
+func (d *Driver) lockRef(id string) *volumeLock {
 	d.locksMu.Lock()
+	defer d.locksMu.Unlock()
 	l := d.locks[id]
 	if l == nil {
 		l = &volumeLock{}
 		d.locks[id] = l
 	}
 	l.refs++
-	d.locksMu.Unlock()
-	l.mu.Lock()
-	return func() {
-		l.mu.Unlock()
-		d.locksMu.Lock()
-		if l.refs--; l.refs == 0 {
-			delete(d.locks, id)
-		}
-		d.locksMu.Unlock()
+	return l
+}
+
+func (d *Driver) unlock(id string, l *volumeLock) {
+	l.mu.Unlock()
+	d.lockUnref(id, l)
+}
+
+func (d *Driver) lockUnref(id string, l *volumeLock) {
+	d.locksMu.Lock()
+	defer d.locksMu.Unlock()
+	if l.refs--; l.refs == 0 {
+		delete(d.locks, id)
 	}
 }
 
