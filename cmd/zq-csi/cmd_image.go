@@ -40,6 +40,7 @@ var imageCommands = []subcommand{
 	{"create", "create a new image", runImageCreate},
 	{"info", "show the format and size of an image", runImageInfo},
 	{"check", "check (and repair) an image's metadata", runImageCheck},
+	{"convert", "copy an image to a new qcow2 or raw image", runImageConvert},
 }
 
 func imageUsage(w io.Writer) {
