@@ -12,7 +12,8 @@
 #    WaitForFirstConsumer, attachRequired: false, ...);
 # 4. etcd and kube-apiserver (built from k8s.io/kubernetes, see
 #    scripts/kube-tools.sh) on localhost, on free ports, in a temporary directory,
-#    with --allow-privileged=true as every cluster that runs CSI node plugins;
+#    with --allow-privileged=true as every cluster that runs CSI node plugins,
+#    and external-snapshotter's CRDs (from its client module) installed;
 # 5. kubeconform -strict on the rendered chart, deploy/ and examples/, offline,
 #    with schemas generated from that apiserver's OpenAPI document (cached per
 #    Kubernetes version beside the tools), and one object with an unknown field
@@ -175,6 +176,9 @@ if [ -s "$work/custom.yaml" ]; then
 	has custom "a class's volatile cache" '^  cache: "volatile"$'
 	has custom "a class's faults" '^  faults: "readonly:zone=9;delay:op=read,delay=1ms"$'
 	hasnot custom "faults.socket and claimAnnotations false: neither flag" '(--fault-socket|--claim-faults|name: fault-run)'
+	has custom "snapshotter sidecar, one per node" '- name: csi-snapshotter$'
+	has custom "the VolumeSnapshotClass" '^kind: VolumeSnapshotClass$'
+	hasnot default "no snapshotter sidecar unless asked" '- name: csi-snapshotter$'
 fi
 
 # --- etcd and kube-apiserver --------------------------------------------------
@@ -259,9 +263,32 @@ else
 	finish
 fi
 
+# --- the snapshot CRDs -----------------------------------------------------------
+# The chart's VolumeSnapshotClass is validated as on a cluster with
+# snapshots: against external-snapshotter's own CRDs, from its client module
+# (through the Go module proxy), installed for real.
+SNAPSHOT_CLIENT=github.com/kubernetes-csi/external-snapshotter/client/v8@v8.7.0
+snapshot_crds() {
+	local dir crd
+	dir=$(cd "$work" && go mod download -json "$SNAPSHOT_CLIENT" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p') &&
+		[ -n "$dir" ] || return 1
+	for crd in volumesnapshotclasses volumesnapshotcontents volumesnapshots; do
+		kc apply -f "$dir/config/crd/snapshot.storage.k8s.io_$crd.yaml" &&
+			kc wait --for condition=established --timeout=60s "crd/$crd.snapshot.storage.k8s.io" || return 1
+	done
+	# The apiserver publishes a new CRD's schema a moment after it is established.
+	for _ in $(seq 60); do
+		kc get --raw /openapi/v2 | grep -q '"io.k8s.storage.snapshot.v1.VolumeSnapshotClass"' && return 0
+		sleep 1
+	done
+	echo "VolumeSnapshotClass is not in /openapi/v2 after 60s"
+	return 1
+}
+check "the snapshot CRDs ($SNAPSHOT_CLIENT) installed" snapshot_crds
+
 # --- kubeconform, with schemas from the apiserver -------------------------------
 SCHEMAS=$TOOLS/schemas-$KUBE_VERSION
-if [ ! -s "$SCHEMAS/daemonset-apps-v1.json" ]; then
+if [ ! -s "$SCHEMAS/volumesnapshotclass-snapshot-v1.json" ]; then
 	rm -rf "$SCHEMAS.tmp" && mkdir -p "$SCHEMAS.tmp"
 	if kc get --raw /openapi/v2 >"$work/openapi-v2.json" &&
 		out=$(go run test/deploy/openapi2jsonschema.go "$work/openapi-v2.json" "$SCHEMAS.tmp" 2>&1); then
