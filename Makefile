@@ -119,6 +119,8 @@ lint:
 
 bench:
 	$(GO) test -run='^$$' -bench=. -benchmem ./... | tee bench.txt
+	@echo "== snapshots and clones of a 10 GiB volume 90% full (each deepens its chain: a fixed count)"
+	$(GO) test -run='^$$' -bench=Golden10GiB -benchtime=20x -benchmem ./driver | tee -a bench.txt
 	@echo "== ratios to the peer measured in the same run"
 	@bash scripts/bench-ratios.sh bench.txt
 	@echo "== zq-csi export against qemu-nbd, fio's nbd engine"
