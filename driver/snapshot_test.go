@@ -338,3 +338,28 @@ func mustGeometry(t *testing.T) zoned.Geometry {
 	}
 	return g
 }
+
+// A CreateSnapshot cut short after the volume moved onto its overlay, and
+// before the snapshot's metadata was written, is finished by its retry:
+// the same image, not a second one under it.
+func TestCreateSnapshotRetryFinishesAnInterruptedOne(t *testing.T) {
+	e := newTestDriver(t)
+	src := e.create(t, "pvc-src", 16<<20)
+	id := idForName("snap-cut")
+	if err := e.d.snapshotVolume(src.VolumeId, e.d.pool.snapshotPath(id)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.d.CreateSnapshot(context.Background(), &csi.CreateSnapshotRequest{Name: "snap-cut", SourceVolumeId: src.VolumeId}); err != nil {
+		t.Fatal(err)
+	}
+	backing, err := image.BackingFile(e.d.pool.imagePath(src.VolumeId))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := filepath.Base(e.d.pool.snapshotPath(id)); backing != want {
+		t.Fatalf("the volume reads through %q, not the interrupted snapshot %q", backing, want)
+	}
+	if b, err := image.BackingFile(e.d.pool.snapshotPath(id)); err != nil || b != "" {
+		t.Fatalf("the snapshot has a backing file %q (%v): the retry took a second snapshot", b, err)
+	}
+}
