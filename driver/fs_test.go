@@ -3,6 +3,8 @@ package driver
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -88,10 +90,25 @@ func fsCap(fstype string) *csi.VolumeCapability {
 }
 
 // fakeTools answers blkid with what the device holds ("" for nothing),
-// fsck with success, and records the mkfs commands run.
+// fsck with success, blockdev and btrfs's dump-super with the device's and
+// the filesystem's sizes (fsSize 0: the device's), and records the mkfs
+// commands run and the btrfs resizes.
 type fakeTools struct {
-	holds string
-	mkfs  [][]string
+	holds              string
+	mkfs               [][]string
+	deviceSize, fsSize int64
+	resized            int
+}
+
+func (f *fakeTools) sizes() (device, fs int64) {
+	device, fs = f.deviceSize, f.fsSize
+	if device == 0 {
+		device = 48 << 20
+	}
+	if fs == 0 {
+		fs = device
+	}
+	return device, fs
 }
 
 func (f *fakeTools) exec() *testingexec.FakeExec {
@@ -108,6 +125,24 @@ func (f *fakeTools) exec() *testingexec.FakeExec {
 			}}
 		case "fsck": // mount-utils checks a formatted device before mounting it
 			fc.CombinedOutputScript = []testingexec.FakeAction{func() ([]byte, []byte, error) { return nil, nil, nil }}
+		case "blockdev": // --getro, --getsize64
+			fc.CombinedOutputScript = []testingexec.FakeAction{func() ([]byte, []byte, error) {
+				if args[0] == "--getro" {
+					return []byte("0\n"), nil, nil
+				}
+				device, _ := f.sizes()
+				return []byte(fmt.Sprintf("%d\n", device)), nil, nil
+			}}
+		case "btrfs": // inspect-internal dump-super, filesystem resize max
+			fc.CombinedOutputScript = []testingexec.FakeAction{func() ([]byte, []byte, error) {
+				device, fs := f.sizes()
+				if args[0] == "filesystem" {
+					f.resized++
+					f.fsSize = device
+					return nil, nil, nil
+				}
+				return []byte(fmt.Sprintf("sectorsize\t\t4096\ntotal_bytes\t\t%d\n", fs)), nil, nil
+			}}
 		default:
 			f.mkfs = append(f.mkfs, append([]string{cmd}, args...))
 			fc.CombinedOutputScript = []testingexec.FakeAction{func() ([]byte, []byte, error) {
@@ -263,4 +298,44 @@ func (e *testEnv) mounted(path, fstype string, opts ...string) bool {
 		}
 		return true
 	})
+}
+
+// A volume restored or cloned to a larger size holds its source's smaller
+// btrfs: staging grows it to the device, once; a read-only stage, a
+// btrfs that fills its device and an f2fs are left as they are.
+func TestStagingGrowsASmallerBtrfsToTheVolume(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		holds       string
+		fsSize      int64
+		flags       []string
+		wantResized int
+	}{
+		{"btrfs smaller than its volume", FsBtrfs, 32 << 20, nil, 1},
+		{"btrfs the volume's size", FsBtrfs, 0, nil, 0},
+		{"btrfs mounted read-only", FsBtrfs, 32 << 20, []string{"ro"}, 0},
+		{"f2fs smaller than its volume", FsF2FS, 32 << 20, nil, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tools := &fakeTools{holds: tc.holds, fsSize: tc.fsSize}
+			e := newFsTestDriver(t, tools)
+			params := maps.Clone(zoneParams)
+			params["zone.conventional_zones"] = "5" // f2fs's metadata
+			r, err := e.d.CreateVolume(context.Background(), &csi.CreateVolumeRequest{Name: "pvc-grow", Parameters: params,
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 48 << 20}, VolumeCapabilities: []*csi.VolumeCapability{blockCap}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			v := r.Volume
+			c := fsCap(tc.holds)
+			c.GetMount().MountFlags = tc.flags
+			staging := t.TempDir()
+			if _, err := e.d.NodeStageVolume(context.Background(), &csi.NodeStageVolumeRequest{VolumeId: v.VolumeId, StagingTargetPath: staging, VolumeCapability: c}); err != nil {
+				t.Fatal(err)
+			}
+			if tools.resized != tc.wantResized || len(tools.mkfs) != 0 {
+				t.Fatalf("btrfs resized %d times, mkfs %q; want %d resizes, no mkfs", tools.resized, tools.mkfs, tc.wantResized)
+			}
+		})
+	}
 }

@@ -517,7 +517,34 @@ func stageFilesystem(m *mount.SafeFormatAndMount, dev, staging, fstype string, f
 	if err := m.FormatAndMountSensitiveWithFormatOptions(dev, staging, fstype, flags, nil, mkfsOptions[fstype]); err != nil {
 		return codes.Internal, err
 	}
+	if err := growFilesystem(m, dev, staging, fstype, flags); err != nil {
+		return codes.Internal, err
+	}
 	return codes.OK, nil
+}
+
+// growFilesystem grows a btrfs mounted at staging to the whole of dev: a
+// volume restored from a snapshot, or cloned, to a larger size holds its
+// source's smaller filesystem. btrfs grows online, in zoned mode too.
+// f2fs grows only offline and not on zoned devices (resize.f2fs): it keeps
+// its size.
+func growFilesystem(m *mount.SafeFormatAndMount, dev, staging, fstype string, flags []string) error {
+	if fstype != FsBtrfs || slices.Contains(flags, "ro") {
+		return nil
+	}
+	r := mount.NewResizeFs(m.Exec)
+	need, err := r.NeedResize(dev, staging)
+	if err != nil {
+		return fmt.Errorf("comparing the filesystem's size with %s's: %w", dev, err)
+	}
+	if !need {
+		return nil
+	}
+	klog.InfoS("growing the filesystem to the volume's size", "device", dev, "fsType", fstype)
+	if _, err := r.Resize(dev, staging); err != nil {
+		return fmt.Errorf("growing the filesystem to %s's size: %w", dev, err)
+	}
+	return nil
 }
 
 // writtenZones counts the sequential zones of vol whose write pointer has
