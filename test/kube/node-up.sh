@@ -34,7 +34,7 @@ if [[ ${1:-} != --guest ]]; then
 	# btrfs-progs and f2fs-tools into the plugin's.
 	ZQ_EXTRA_PKGS="libseccomp-dev pkg-config containernetworking-plugins iproute2 openssl zbd-utils busybox-static btrfs-progs f2fs-tools" \
 		bash "$root/scripts/deps.sh"
-	bash "$root/scripts/kube-tools.sh" node provisioner e2e
+	bash "$root/scripts/kube-tools.sh" node provisioner snapshotter e2e
 	work=$(mktemp -d /var/tmp/zq-kube.XXXXXX)
 	trap 'rm -rf "$work"' EXIT
 	(cd "$root" && go build -o "$work/zq-csi" ./cmd/zq-csi)
@@ -66,9 +66,18 @@ if [[ ${1:-} != --guest ]]; then
 	"$work/ocibuild" --tag zq-csi.local/zq-csi:dev --out "$work/zq-csi.tar" --entrypoint /usr/local/bin/zq-csi \
 		--add "$work/zq-csi=/usr/local/bin/zq-csi" --bin /usr/bin/mount --bin /usr/bin/umount --bin /usr/sbin/blkzone \
 		--bin /usr/sbin/blkid --bin /usr/sbin/mkfs.btrfs --bin /usr/sbin/mkfs.f2fs --bin /usr/sbin/fsck --bin /usr/sbin/fsck.f2fs \
-		--add /usr/sbin/fsck.btrfs=/usr/sbin/fsck.btrfs --add /usr/bin/dash=/bin/sh
+		--add /usr/sbin/fsck.btrfs=/usr/sbin/fsck.btrfs --add /usr/bin/dash=/bin/sh --bin /usr/bin/btrfs --bin /usr/sbin/blockdev
 	"$work/ocibuild" --tag zq-csi.local/csi-provisioner:dev --out "$work/csi-provisioner.tar" --entrypoint /csi-provisioner \
 		--add "$(readlink -f "$TOOLS/bin/csi-provisioner")=/csi-provisioner"
+	"$work/ocibuild" --tag zq-csi.local/csi-snapshotter:dev --out "$work/csi-snapshotter.tar" --entrypoint /csi-snapshotter \
+		--add "$(readlink -f "$TOOLS/bin/csi-snapshotter")=/csi-snapshotter"
+	# The snapshot CRDs, from external-snapshotter's client module of the
+	# snapshotter's release (scripts/kube-tools.sh SNAPSHOTTER_VERSION).
+	snapshot_client=$(cd "$work" && go mod download -json \
+		"github.com/kubernetes-csi/external-snapshotter/client/v8@${SNAPSHOTTER_VERSION:-v8.7.0}" |
+		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+	mkdir -p "$work/snapshot-crds"
+	cp "$snapshot_client"/config/crd/snapshot.storage.k8s.io_*.yaml "$work/snapshot-crds/"
 	# what a user's zoned test pod runs: fio, util-linux's blkzone, libzbd's
 	# zbd, and a shell
 	"$work/ocibuild" --tag zq-csi.local/workload:1 --out "$work/workload.tar" --entrypoint /bin/sh \
@@ -204,6 +213,20 @@ kube-controller-manager --kubeconfig "$KUBECONFIG" --service-account-private-key
 pids+=($!)
 kube-scheduler --kubeconfig "$KUBECONFIG" --leader-elect=false >"$work/logs/scheduler.log" 2>&1 &
 pids+=($!)
+# Snapshots: the CRDs and the snapshot-controller, a process as the
+# control plane's are (a cluster runs it as a Deployment), in its
+# distributed mode: it labels each dynamic VolumeSnapshotContent with its
+# volume's node, whose csi-snapshotter (the chart's, per node) takes it.
+if kubectl apply -f "$img/snapshot-crds/" >"$work/logs/snapshot-crds.log" 2>&1 &&
+	kubectl wait --for condition=established --timeout=120s crd/volumesnapshots.snapshot.storage.k8s.io \
+		crd/volumesnapshotcontents.snapshot.storage.k8s.io crd/volumesnapshotclasses.snapshot.storage.k8s.io >>"$work/logs/snapshot-crds.log" 2>&1; then
+	ok "the snapshot CRDs established"
+else
+	not_ok "the snapshot CRDs: $(tail -n 5 "$work/logs/snapshot-crds.log")"
+fi
+snapshot-controller --kubeconfig "$KUBECONFIG" --leader-election=false --enable-distributed-snapshotting \
+	>"$work/logs/snapshot-controller.log" 2>&1 &
+pids+=($!)
 
 # ---- container runtime -------------------------------------------------------
 cat >"$work/cni/10-zq.conflist" <<'EOF'
@@ -310,6 +333,10 @@ sidecars:
   provisioner:
     image: {repository: zq-csi.local/csi-provisioner, tag: dev, pullPolicy: Never}
     capacityPollInterval: 10s
+  snapshotter:
+    enabled: true
+    image: {repository: zq-csi.local/csi-snapshotter, tag: dev, pullPolicy: Never}
+volumeSnapshotClass: {create: true}
 storageClasses:
   - name: zq-csi
     default: false
