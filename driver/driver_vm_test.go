@@ -148,6 +148,12 @@ func tail(s string, lines int) string {
 	return strings.Join(l, "\n")
 }
 
+// blockWriter is the capability of a Block volume on one node.
+var blockWriter = &csi.VolumeCapability{
+	AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+	AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+}
+
 // TestKernelPluginRestartUnderIO: a pod's device keeps serving across a
 // plugin restart. fio writes and verifies zones on the published device
 // while the plugin is killed (SIGKILL) and started again; fio must finish
@@ -159,10 +165,7 @@ func TestKernelPluginRestartUnderIO(t *testing.T) {
 	ctl, node, done := csiClients(t, p)
 	defer done()
 	ctx := context.Background()
-	capability := &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
-	}
+	capability := blockWriter
 	cv, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-restart", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30},
 		Parameters: map[string]string{"zone.size": "64Mi", "zone.max_open_zones": "4", "zone.max_active_zones": "4",
 			"queue.scheduler": "none"},
@@ -378,10 +381,7 @@ func TestKernelF2FSConventionalZonesRule(t *testing.T) {
 	ctl, node, done := csiClients(t, p)
 	defer done()
 	ctx := context.Background()
-	blockCapability := &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
-	}
+	blockCapability := blockWriter
 	for _, g := range []struct {
 		zoneSize string
 		size     int64
@@ -608,10 +608,7 @@ func TestKernelSnapshotAndCloneOfAFilledVolume(t *testing.T) {
 	ctl, node, done := csiClients(t, p)
 	defer done()
 	ctx := context.Background()
-	capability := &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
-	}
+	capability := blockWriter
 	params := map[string]string{"zone.size": "16Mi", "zone.max_open_zones": "4", "zone.max_active_zones": "4"}
 	create := func(name string, src *csi.VolumeContentSource) string {
 		cv, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20},
