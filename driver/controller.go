@@ -280,17 +280,11 @@ func (d *Driver) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (
 	if err != nil {
 		return nil, statusf(codes.Internal, "ListVolumes: %v", err)
 	}
-	start := 0
-	if t := req.GetStartingToken(); t != "" {
-		if start, err = strconv.Atoi(t); err != nil || start < 0 || start > len(ids) {
-			return nil, statusf(codes.Aborted, "ListVolumes: starting token %q is not one this plugin gave", t)
-		}
+	start, end, next, err := page(len(ids), req.GetStartingToken(), req.GetMaxEntries())
+	if err != nil {
+		return nil, statusf(codes.Aborted, "ListVolumes: %v", err)
 	}
-	end := len(ids)
-	if n := int(req.GetMaxEntries()); n > 0 && start+n < end {
-		end = start + n
-	}
-	resp := &csi.ListVolumesResponse{}
+	resp := &csi.ListVolumesResponse{NextToken: next}
 	for _, id := range ids[start:end] {
 		m, err := d.pool.lookup(id)
 		if err != nil {
@@ -298,10 +292,26 @@ func (d *Driver) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (
 		}
 		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{Volume: d.csiVolume(m)})
 	}
-	if end < len(ids) {
-		resp.NextToken = strconv.Itoa(end)
-	}
 	return resp, nil
+}
+
+// page is the part [start, end) of a list of n entries that a List call
+// with a starting token and a maximum returns, and the token of the next
+// part ("" after the last). A token is an index this plugin gave.
+func page(n int, token string, max int32) (start, end int, next string, err error) {
+	if token != "" {
+		if start, err = strconv.Atoi(token); err != nil || start < 0 || start > n {
+			return 0, 0, "", fmt.Errorf("starting token %q is not one this plugin gave", token)
+		}
+	}
+	end = n
+	if m := int(max); m > 0 && start+m < end {
+		end = start + m
+	}
+	if end < n {
+		next = strconv.Itoa(end)
+	}
+	return start, end, next, nil
 }
 
 func (d *Driver) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {

@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"time"
 
@@ -262,22 +261,13 @@ func (d *Driver) ListSnapshots(ctx context.Context, req *csi.ListSnapshotsReques
 			snaps = append(snaps, m)
 		}
 	}
-	start := 0
-	if t := req.GetStartingToken(); t != "" {
-		if start, err = strconv.Atoi(t); err != nil || start < 0 || start > len(snaps) {
-			return nil, statusf(codes.Aborted, "ListSnapshots: starting token %q is not one this plugin gave", t)
-		}
+	start, end, next, err := page(len(snaps), req.GetStartingToken(), req.GetMaxEntries())
+	if err != nil {
+		return nil, statusf(codes.Aborted, "ListSnapshots: %v", err)
 	}
-	end := len(snaps)
-	if n := int(req.GetMaxEntries()); n > 0 && start+n < end {
-		end = start + n
-	}
-	resp := &csi.ListSnapshotsResponse{}
+	resp := &csi.ListSnapshotsResponse{NextToken: next}
 	for _, m := range snaps[start:end] {
 		resp.Entries = append(resp.Entries, &csi.ListSnapshotsResponse_Entry{Snapshot: m.csi()})
-	}
-	if end < len(snaps) {
-		resp.NextToken = strconv.Itoa(end)
 	}
 	return resp, nil
 }
