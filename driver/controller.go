@@ -171,21 +171,28 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest)
 func (d *Driver) createImage(id string, params VolumeParams, size int64, g zoned.Geometry, base string) error {
 	path := d.pool.imagePath(id)
 	tmp := path + ".creating"
+	conditions := volume.ConditionsPath(path)
+	// A new volume starts with its base's zone conditions or none, never
+	// with those an interrupted create left.
 	os.Remove(tmp)
+	os.Remove(conditions)
 	opts := params.Spec.Options()
 	opts.Size = size
-	if base != "" {
-		opts.BackingFile = filepath.Base(base)
-		if err := volume.CopyConditions(base, path); err != nil {
+	err := func() error {
+		if base != "" {
+			opts.BackingFile = filepath.Base(base)
+			if err := volume.CopyConditions(base, path); err != nil {
+				return err
+			}
+		}
+		if _, err := volume.CreateZoned(tmp, opts, g); err != nil {
 			return err
 		}
-	}
-	if _, err := volume.CreateZoned(tmp, opts, g); err != nil {
+		return os.Rename(tmp, path)
+	}()
+	if err != nil {
 		os.Remove(tmp)
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
+		os.Remove(conditions)
 		return err
 	}
 	return syncDir(d.pool.dir)

@@ -363,3 +363,31 @@ func TestCreateSnapshotRetryFinishesAnInterruptedOne(t *testing.T) {
 		t.Fatalf("the snapshot has a backing file %q (%v): the retry took a second snapshot", b, err)
 	}
 }
+
+// A volume whose create from a snapshot fails leaves no zone conditions
+// behind for a later volume of that name.
+func TestFailedRestoreLeavesNoZoneConditions(t *testing.T) {
+	e := newTestDriver(t)
+	ctx := context.Background()
+	src := e.create(t, "pvc-src", 16<<20)
+	v, err := volume.Open(e.d.pool.imagePath(src.VolumeId), image.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := errors.Join(v.Backend.(*volume.Zoned).SetCondition(2, zoned.ReadOnly), v.Close()); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := e.d.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "snap-c", SourceVolumeId: src.VolumeId})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.d.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-bad", Parameters: map[string]string{"zone.size": "8Mi"},
+		VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: snap.Snapshot.SnapshotId}}},
+		CapacityRange:       &csi.CapacityRange{RequiredBytes: 16 << 20}, VolumeCapabilities: []*csi.VolumeCapability{blockCap}})
+	if err == nil {
+		t.Fatal("a restore with another zone size succeeded")
+	}
+	if _, err := os.Stat(volume.ConditionsPath(e.d.pool.imagePath(idForName("pvc-bad")))); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a failed restore left zone conditions: %v", err)
+	}
+}
