@@ -347,13 +347,13 @@ func TestSnapshotToCrashAtEachStepLeavesAConsistentChain(t *testing.T) {
 			}
 			copy(c.want[6<<20:], "flushed by the snapshot")
 			errCrash := errors.New("crash")
-			testHookSnapshotStep = func(s string) error {
+			testHookStep = func(s string) error {
 				if s == crashAt {
 					return errCrash
 				}
 				return nil
 			}
-			defer func() { testHookSnapshotStep = nil }()
+			defer func() { testHookStep = nil }()
 			snap := filepath.Join(c.dir, "snap.qcow2")
 			if err := img.SnapshotTo(snap); !errors.Is(err, errCrash) {
 				t.Fatalf("err = %v", err)

@@ -397,12 +397,25 @@ func (h *header) encode() ([]byte, error) {
 		buf = buf[:withoutNames]
 	}
 	putExt(extEnd, nil)
-	h.backingFileOffset, h.backingFileSize = 0, 0
-	if h.backingFile != "" {
-		// QEMU's place for the name: right after the extensions.
-		h.backingFileOffset, h.backingFileSize = uint64(len(buf)), uint32(len(h.backingFile))
+	if h.backingFile == "" {
+		h.backingFileOffset, h.backingFileSize = 0, 0
+		be.PutUint64(buf[8:], 0)
+		be.PutUint32(buf[16:], 0)
+	} else {
+		// QEMU's place for the name is right after the extensions. A name
+		// placed further on (by switchBacking, or another tool) stays
+		// where it is: a header rewrite that moved it could be torn
+		// between the sector with its place and the one with its bytes.
+		if h.backingFileOffset < uint64(len(buf)) {
+			h.backingFileOffset = uint64(len(buf))
+		}
+		h.backingFileSize = uint32(len(h.backingFile))
 		be.PutUint64(buf[8:], h.backingFileOffset)
 		be.PutUint32(buf[16:], h.backingFileSize)
+		if h.backingFileOffset+uint64(h.backingFileSize) > uint64(h.clusterSize()) {
+			return nil, fmt.Errorf("backing file name at %#x, %d bytes, would end past the first cluster: %w", h.backingFileOffset, h.backingFileSize, ErrUnsupported)
+		}
+		buf = append(buf, make([]byte, h.backingFileOffset-uint64(len(buf)))...)
 		buf = append(buf, h.backingFile...)
 	}
 	if int64(len(buf)) > h.clusterSize() {

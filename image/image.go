@@ -114,6 +114,24 @@ func Open(path string, opts OpenOptions) (*Image, error) {
 // openChain opens the image at path, depth images below the top of its
 // chain, and its backing chain.
 func openChain(path string, opts OpenOptions, depth int) (*Image, error) {
+	img, err := openAlone(path, opts)
+	if err != nil {
+		return nil, err
+	}
+	if name := img.hdr.backingFile; name != "" {
+		b, err := openBacking(path, name, opts.CacheSize, depth+1)
+		if err != nil {
+			img.Close()
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		img.backing, img.depth = b, b.depth+1
+	}
+	return img, nil
+}
+
+// openAlone opens the image at path without its backing chain, for the
+// caller to attach one (or, to change only its header, none).
+func openAlone(path string, opts OpenOptions) (*Image, error) {
 	if opts.JournalDir != "" && opts.Journal != nil {
 		return nil, fmt.Errorf("%s: both JournalDir and Journal given: %w", path, ErrInvalidOption)
 	}
@@ -142,14 +160,6 @@ func openChain(path string, opts OpenOptions, depth int) (*Image, error) {
 	}
 	img.path = path
 	img.reopen = OpenOptions{JournalDir: journalDir, CacheSize: opts.CacheSize, BootID: opts.BootID}
-	if name := img.hdr.backingFile; name != "" {
-		b, err := openBacking(path, name, opts.CacheSize, depth+1)
-		if err != nil {
-			img.Close()
-			return nil, fmt.Errorf("%s: %w", path, err)
-		}
-		img.backing, img.depth = b, b.depth+1
-	}
 	return img, nil
 }
 
@@ -158,16 +168,22 @@ func openChain(path string, opts OpenOptions, depth int) (*Image, error) {
 // loops.
 const MaxBackingDepth = 64
 
+// backingPath is where the backing file name that the image at path
+// records is, as QEMU resolves it: relative to that image's directory.
+func backingPath(path, name string) string {
+	if filepath.IsAbs(name) {
+		return name
+	}
+	return filepath.Join(filepath.Dir(path), name)
+}
+
 // openBacking opens, read-only, the backing file name that the image at
 // path records, resolved as QEMU does: relative to that image's directory.
 func openBacking(path, name string, cacheSize int64, depth int) (*Image, error) {
 	if depth > MaxBackingDepth {
 		return nil, fmt.Errorf("backing chain deeper than %d images (or a loop) at %q: %w", MaxBackingDepth, name, ErrUnsupported)
 	}
-	if !filepath.IsAbs(name) {
-		name = filepath.Join(filepath.Dir(path), name)
-	}
-	b, err := openChain(name, OpenOptions{ReadOnly: true, CacheSize: cacheSize}, depth)
+	b, err := openChain(backingPath(path, name), OpenOptions{ReadOnly: true, CacheSize: cacheSize}, depth)
 	if err != nil {
 		return nil, fmt.Errorf("backing file: %w", err)
 	}
@@ -1135,8 +1151,8 @@ func (img *Image) Info() Info {
 	}
 	if name := h.backingFile; name != "" {
 		info.BackingFilename, info.FullBackingFilename, info.BackingFormat = name, name, "qcow2"
-		if !filepath.IsAbs(name) && img.path != "" {
-			info.FullBackingFilename = filepath.Join(filepath.Dir(img.path), name)
+		if img.path != "" {
+			info.FullBackingFilename = backingPath(img.path, name)
 		}
 	}
 	if img.zones != nil {

@@ -9,10 +9,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// testHookSnapshotStep, if set, runs after each durable step of
-// SnapshotTo; an error stops it there, leaving the files as a crash at
-// that point would (the tests' crash injection).
-var testHookSnapshotStep func(step string) error
+// testHookStep, if set, runs after each durable step of SnapshotTo,
+// Merge and Rebase, and after each run Merge writes (unflushed); an error
+// stops the work there, leaving the files as a crash at that point would
+// (the tests' crash injection).
+var testHookStep func(step string) error
 
 // SnapshotTo makes the image's present contents the read-only image at
 // path (beside it, if it has a relative backing file name) and goes on as a copy-on-write overlay of it: the external
@@ -115,12 +116,12 @@ func (img *Image) SnapshotTo(path string) error {
 	return img.moveOnto(below)
 }
 
-// step runs the test hook of a SnapshotTo step, if any.
+// step runs the test hook of a durable step, if any.
 func step(name string) error {
-	if testHookSnapshotStep == nil {
+	if testHookStep == nil {
 		return nil
 	}
-	return testHookSnapshotStep(name)
+	return testHookStep(name)
 }
 
 // backingName is how an overlay at top records the backing file at path:

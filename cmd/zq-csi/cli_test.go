@@ -71,6 +71,11 @@ func TestExitCodesAndMessages(t *testing.T) {
 		{"io of a missing file fails", []string{"io", "-c", "flush", missing}, exitFailure, "zq-csi: io: "},
 		{"io with an unknown command is a usage error", []string{"io", "-c", "bogus 1", missing}, exitUsage, `command "bogus" not found`},
 		{"io without a file", []string{"io", "-c", "flush"}, exitUsage, "expected one FILE"},
+		{"commit without a file", []string{"image", "commit"}, exitUsage, "expected one FILE"},
+		{"commit of a missing file fails", []string{"image", "commit", missing}, exitFailure, "zq-csi: image commit: "},
+		{"rebase without -b", []string{"image", "rebase", missing}, exitUsage, `missing -b BACKING (-b "" for none)`},
+		{"rebase onto another format", []string{"image", "rebase", "-b", "x", "-F", "raw", missing}, exitUsage, `-F: unsupported format "raw"`},
+		{"rebase of a missing file fails", []string{"image", "rebase", "-b", "", missing}, exitFailure, "zq-csi: image rebase: "},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -179,13 +179,10 @@ func convert(e *env, src, srcFormat, dst, dstFormat string, spec *imageopt.Creat
 	}
 	lastData := map[int]int64{} // per zone, the end of its last non-zero sector
 	buf := make([]byte, convertChunk)
-	shown := int64(-1) // the progress last printed, in hundredths of a percent
+	p := newProgress(e.stdout, progress)
 	for off := int64(0); off < s.size; off += convertChunk {
 		n := min(convertChunk, s.size-off)
-		if done := off * 10000 / s.size; progress && done != shown {
-			fmt.Fprintf(e.stdout, "    (%d.%02d/100%%)\r", done/100, done%100)
-			shown = done
-		}
+		p.update(off, s.size)
 		if s.extent != nil {
 			if data, err := s.extent(off, n); err != nil {
 				return err
@@ -193,18 +190,18 @@ func convert(e *env, src, srcFormat, dst, dstFormat string, spec *imageopt.Creat
 				continue
 			}
 		}
-		p := buf[:n]
-		if _, err := s.ReadAt(p, off); err != nil && !errors.Is(err, io.EOF) {
+		chunk := buf[:n]
+		if _, err := s.ReadAt(chunk, off); err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("%s at %#x: %w", src, off, err)
 		}
-		if isZero(p) {
+		if isZero(chunk) {
 			continue
 		}
-		if _, err := out.WriteAt(p, off); err != nil {
+		if _, err := out.WriteAt(chunk, off); err != nil {
 			return fmt.Errorf("%s at %#x: %w", dst, off, err)
 		}
 		if zones != nil {
-			noteLastData(lastData, zones.ZoneSize, p, off)
+			noteLastData(lastData, zones.ZoneSize, chunk, off)
 		}
 	}
 	if img != nil && zones != nil {
@@ -229,9 +226,7 @@ func convert(e *env, src, srcFormat, dst, dstFormat string, spec *imageopt.Creat
 	if err := out.Close(); err != nil {
 		return err
 	}
-	if progress {
-		fmt.Fprintf(e.stdout, "    (100.00/100%%)\n")
-	}
+	p.finish()
 	return nil
 }
 

@@ -1,6 +1,7 @@
 package main
 
-// zq-csi image: create, info and check, with qemu-img's syntax and output.
+// zq-csi image: create, info, check, convert, commit and rebase, with
+// qemu-img's syntax and output.
 //
 // `image check` exits with qemu-img check's codes:
 //
@@ -41,6 +42,8 @@ var imageCommands = []subcommand{
 	{"info", "show the format and size of an image", runImageInfo},
 	{"check", "check (and repair) an image's metadata", runImageCheck},
 	{"convert", "copy an image to a new qcow2 or raw image", runImageConvert},
+	{"commit", "write an overlay into its backing file", runImageCommit},
+	{"rebase", "change an overlay's backing file", runImageRebase},
 }
 
 func imageUsage(w io.Writer) {

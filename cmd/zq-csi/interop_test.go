@@ -880,3 +880,123 @@ func TestInteropConvert(t *testing.T) {
 		t.Fatal("a refused convert changed the existing destination")
 	}
 }
+
+// ---- commit and rebase ---------------------------------------------------
+
+// chainOfThree makes base <- mid <- top in dir, by zq-csi, each image with
+// writes of its own over the one below, and returns what top reads as.
+func chainOfThree(t *testing.T, dir string) model {
+	const cs, size = 64 << 10, 16 << 20
+	m := make(model, size)
+	layers := []struct {
+		name, backing string
+		ops           []diskOp
+	}{
+		{"base.qcow2", "", writePlan(cs, size)},
+		{"mid.qcow2", "base.qcow2", []diskOp{{opWrite, cs - 7, 3 * cs, 0x55}, {opDiscard, 8 * cs, 4 * cs, 0}, {opWrite, size - 4096, 4096, 0x56}}},
+		{"top.qcow2", "mid.qcow2", []diskOp{{opWrite, 2*cs + 1, 100, 0x57}, {opZeroUnmap, 3 * cs, 2 * cs, 0}, {opWrite, size/2 - 3, 2 * cs, 0x58}}},
+	}
+	for _, l := range layers {
+		f := filepath.Join(dir, l.name)
+		if l.backing == "" {
+			mustOK(t, "create", zq(t, "image", "create", "-q", f, fmt.Sprint(size)))
+		} else {
+			mustOK(t, "create -b", zq(t, "image", "create", "-q", "-b", l.backing, "-F", "qcow2", f))
+		}
+		mustOK(t, "io", zq(t, append(append([]string{"io"}, ioArgs(commands(l.ops))...), f)...))
+		m.apply(l.ops)
+	}
+	return m
+}
+
+// copyDir copies the regular files of src into a new directory.
+func copyDir(t *testing.T, src string) string {
+	t.Helper()
+	dst := t.TempDir()
+	mustOK(t, "cp", runTool(t, "sh", "-c", `cp -p "$0"/* "$1"/`, src, dst))
+	return dst
+}
+
+// TestInteropCommitAndRebaseAgreeWithQemuImg: on copies of one plain
+// chain, zq-csi's commit and rebase leave images that qemu-img compare
+// finds identical to what qemu-img's own commit and rebase leave, that
+// pass qemu-img check and that qemu-io reads as the overlay read before.
+func TestInteropCommitAndRebaseAgreeWithQemuImg(t *testing.T) {
+	interop(t)
+	orig := t.TempDir()
+	m := chainOfThree(t, orig)
+	compare := func(t *testing.T, a, b string) {
+		t.Helper()
+		mustOK(t, "qemu-img compare", runTool(t, "qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", a, b))
+	}
+	t.Run("commit", func(t *testing.T) {
+		zd, qd := copyDir(t, orig), copyDir(t, orig)
+		out := mustOK(t, "commit -p", zq(t, "image", "commit", "-p", filepath.Join(zd, "top.qcow2"))).stdout
+		if !strings.Contains(out, "(100.00/100%)") || !strings.Contains(out, "Image committed.") {
+			t.Fatalf("commit output %q", out)
+		}
+		mustOK(t, "qemu-img commit", runTool(t, "qemu-img", "commit", "-q", "-f", "qcow2", filepath.Join(qd, "top.qcow2")))
+		compare(t, filepath.Join(zd, "mid.qcow2"), filepath.Join(qd, "mid.qcow2"))
+		compare(t, filepath.Join(zd, "top.qcow2"), filepath.Join(qd, "top.qcow2"))
+		for _, f := range []string{"mid.qcow2", "top.qcow2"} {
+			qemuImgCheckClean(t, filepath.Join(zd, f))
+			verifyWith(t, "qemu-io", filepath.Join(zd, f), m)
+		}
+		if got := qemuInfo(t, filepath.Join(zd, "top.qcow2"))["actual-size"].(float64); got > 1<<20 {
+			t.Errorf("the emptied overlay takes %v bytes", got)
+		}
+	})
+	for _, onto := range []string{"base.qcow2", ""} {
+		t.Run("rebase onto "+map[bool]string{true: "nothing", false: onto}[onto == ""], func(t *testing.T) {
+			zd, qd := copyDir(t, orig), copyDir(t, orig)
+			mustOK(t, "rebase", zq(t, "image", "rebase", "-p", "-b", onto, filepath.Join(zd, "top.qcow2")))
+			mustOK(t, "qemu-img rebase", runTool(t, "qemu-img", "rebase", "-f", "qcow2", "-b", onto, "-F", "qcow2", filepath.Join(qd, "top.qcow2")))
+			zt := filepath.Join(zd, "top.qcow2")
+			compare(t, zt, filepath.Join(qd, "top.qcow2"))
+			qemuImgCheckClean(t, zt)
+			verifyWith(t, "qemu-io", zt, m)
+			if info := qemuInfo(t, zt); fmt.Sprint(info["backing-filename"]) != map[bool]string{true: "<nil>", false: onto}[onto == ""] {
+				t.Fatalf("qemu-img info after the rebase: %v", info)
+			}
+		})
+	}
+	t.Run("unsafe rebase after a move", func(t *testing.T) {
+		zd := copyDir(t, orig)
+		long := "golden-" + strings.Repeat("g", 200) + ".qcow2" // its place moves past the header's first sector
+		if err := os.Rename(filepath.Join(zd, "mid.qcow2"), filepath.Join(zd, long)); err != nil {
+			t.Fatal(err)
+		}
+		zt := filepath.Join(zd, "top.qcow2")
+		mustOK(t, "rebase -u", zq(t, "image", "rebase", "-u", "-b", long, zt))
+		qemuImgCheckClean(t, zt)
+		verifyWith(t, "qemu-io", zt, m)
+		if info := qemuInfo(t, zt); info["backing-filename"] != long {
+			t.Fatalf("qemu-img info after the rebase: %v", info)
+		}
+	})
+}
+
+// TestInteropCommitOfAZonedOverlay: the backing file of a zoned overlay
+// takes its zone report with the commit; the emptied overlay keeps it.
+func TestInteropCommitOfAZonedOverlay(t *testing.T) {
+	interop(t)
+	dir := t.TempDir()
+	base, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2")
+	mustOK(t, "create", zq(t, "image", "create", "-q", "-o", "zone.mode=host-managed,zone.size=4M,zone.conventional_zones=1", base, "32M"))
+	mustOK(t, "io", zq(t, "io", "-c", "write -P 0x11 0 64k", "-c", "write -P 0x22 4M 1M", "-c", "write -P 0x23 8M 4M", base))
+	mustOK(t, "create -b", zq(t, "image", "create", "-q", "-b", "base.qcow2", top))
+	mustOK(t, "io", zq(t, "io", "-c", "zrs 4M 4M", "-c", "write -P 0x33 4M 8k", "-c", "zf 8M 4M", "-c", "write -P 0x44 12M 128k", top))
+	report := func(f string) string { return mustOK(t, "zrp", zq(t, "io", "-r", "-c", "zrp 0 8", f)).stdout }
+	want := report(top)
+	if want == report(base) {
+		t.Fatal("the overlay's zones are the backing file's already: the test tests nothing")
+	}
+	mustOK(t, "commit", zq(t, "image", "commit", "-q", top))
+	for _, f := range []string{base, top} {
+		if got := report(f); got != want {
+			t.Errorf("%s zone report after the commit:\n%s\nwant the overlay's\n%s", f, got, want)
+		}
+		zqCheckClean(t, f)
+	}
+	mustOK(t, "read", zq(t, "io", "-r", "-c", "read -P 0x33 4M 8k", "-c", "read -P 0 4202496 64k", "-c", "read -P 0x44 12M 128k", base))
+}

@@ -1,7 +1,7 @@
 // Command zq-csi is the zq-csi binary: the CSI driver and its tools for
 // zoned qcow2 images, as subcommands.
 //
-//	zq-csi image create|info|check ...   qemu-img-like image tools
+//	zq-csi image create|info|check|convert|commit|rebase ...  qemu-img-like image tools
 //	zq-csi io [-r] [-c CMD]... FILE       qemu-io-like I/O on one image
 //	zq-csi export [--socket P|--tcp A] FILE  qemu-nbd-like NBD export
 //	zq-csi attach [--frontend ublk|nbd] FILE attach to the kernel, print /dev/ublkbN or /dev/nbdN
