@@ -159,11 +159,7 @@ var blockWriter = &csi.VolumeCapability{
 // while the plugin is killed (SIGKILL) and started again; fio must finish
 // without an error, and the volume then unpublishes, unstages and deletes.
 func TestKernelPluginRestartUnderIO(t *testing.T) {
-	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
-	dir := t.TempDir()
-	p := startPlugin(t, bin, dir)
-	ctl, node, done := csiClients(t, p)
-	defer done()
+	bin, dir, p, ctl, node := pluginWithClients(t)
 	ctx := context.Background()
 	capability := blockWriter
 	cv, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-restart", CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 30},
@@ -284,11 +280,7 @@ func (v *fsVolume) unstage(t *testing.T, node csi.NodeClient) {
 // stage (which must not reformat), and the filesystem's writes went into
 // sequential zones.
 func TestKernelFilesystemVolumes(t *testing.T) {
-	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
-	dir := t.TempDir()
-	p := startPlugin(t, bin, dir)
-	ctl, node, done := csiClients(t, p)
-	defer done()
+	_, dir, p, ctl, node := pluginWithClients(t)
 	ctx := context.Background()
 	for _, tc := range []struct {
 		fstype string
@@ -375,11 +367,7 @@ func TestKernelFilesystemVolumes(t *testing.T) {
 // refuses the device for too few random-write zones (so the rule asks for
 // at most one zone more than f2fs needs).
 func TestKernelF2FSConventionalZonesRule(t *testing.T) {
-	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
-	dir := t.TempDir()
-	p := startPlugin(t, bin, dir)
-	ctl, node, done := csiClients(t, p)
-	defer done()
+	_, dir, _, ctl, node := pluginWithClients(t)
 	ctx := context.Background()
 	blockCapability := blockWriter
 	for _, g := range []struct {
@@ -532,11 +520,7 @@ func TestKernelDatabases(t *testing.T) {
 // staged again, the database opens, passes its checks and holds every key
 // written before.
 func TestKernelDatabaseUnderInjectedWriteErrors(t *testing.T) {
-	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
-	dir := t.TempDir()
-	p := startPlugin(t, bin, dir)
-	ctl, node, done := csiClients(t, p)
-	defer done()
+	bin, dir, p, ctl, node := pluginWithClients(t)
 	ctx := context.Background()
 	v := &fsVolume{capability: mountCapability("btrfs"), staging: filepath.Join(dir, "staging"), target: filepath.Join(dir, "pod", "mount")}
 	os.MkdirAll(filepath.Dir(v.target), 0o755)
@@ -587,6 +571,18 @@ func TestKernelDatabaseUnderInjectedWriteErrors(t *testing.T) {
 }
 
 // csiClients connects to a plugin; done closes the connection.
+// pluginWithClients starts the plugin built from ../cmd/zq-csi in a new
+// directory and connects to it, for the test's length.
+func pluginWithClients(t *testing.T) (bin, dir string, p *plugin, ctl csi.ControllerClient, node csi.NodeClient) {
+	t.Helper()
+	bin = vmtest.ZQCSI(t, "../cmd/zq-csi")
+	dir = t.TempDir()
+	p = startPlugin(t, bin, dir)
+	ctl, node, done := csiClients(t, p)
+	t.Cleanup(done)
+	return bin, dir, p, ctl, node
+}
+
 func csiClients(t *testing.T, p *plugin) (csi.ControllerClient, csi.NodeClient, func()) {
 	t.Helper()
 	conn, err := grpc.NewClient(p.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -602,11 +598,7 @@ func csiClients(t *testing.T, p *plugin) (csi.ControllerClient, csi.NodeClient, 
 // source's zones (its open zone closed, as after any reopen) and read the
 // same bytes; writing the clone changes nothing in the source.
 func TestKernelSnapshotAndCloneOfAFilledVolume(t *testing.T) {
-	bin := vmtest.ZQCSI(t, "../cmd/zq-csi")
-	dir := t.TempDir()
-	p := startPlugin(t, bin, dir)
-	ctl, node, done := csiClients(t, p)
-	defer done()
+	_, dir, _, ctl, node := pluginWithClients(t)
 	ctx := context.Background()
 	capability := blockWriter
 	params := map[string]string{"zone.size": "16Mi", "zone.max_open_zones": "4", "zone.max_active_zones": "4"}
@@ -618,22 +610,7 @@ func TestKernelSnapshotAndCloneOfAFilledVolume(t *testing.T) {
 		}
 		return cv.Volume.VolumeId
 	}
-	publish := func(id string) (device string, unpublish func()) {
-		staging, target := filepath.Join(dir, id, "staging"), filepath.Join(dir, id, "dev")
-		os.MkdirAll(staging, 0o755)
-		if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
-			VolumeCapability: capability, VolumeContext: map[string]string{"attach": "ublk"}}); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
-			TargetPath: target, VolumeCapability: capability}); err != nil {
-			t.Fatal(err)
-		}
-		return deviceNode(t, target), func() {
-			node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target})
-			node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
-		}
-	}
+	publish := func(id string) (string, func()) { return publishBlock(t, node, dir, id) }
 	src := create("pvc-golden", nil)
 	srcDev, unpublishSrc := publish(src)
 	defer unpublishSrc()
@@ -684,6 +661,77 @@ func TestKernelSnapshotAndCloneOfAFilledVolume(t *testing.T) {
 	}
 	if left, _ := filepath.Glob(filepath.Join(dir, "pool", "*")); len(left) != 0 {
 		t.Errorf("left in the pool: %v", left)
+	}
+}
+
+// publishBlock stages and publishes Block volume id through ublk under
+// dir and returns its /dev node and how to unpublish and unstage it.
+func publishBlock(t *testing.T, node csi.NodeClient, dir, id string) (device string, unpublish func()) {
+	t.Helper()
+	ctx := context.Background()
+	staging, target := filepath.Join(dir, id, "staging"), filepath.Join(dir, id, "dev")
+	os.MkdirAll(staging, 0o755)
+	if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: blockWriter, VolumeContext: map[string]string{"attach": "ublk"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		TargetPath: target, VolumeCapability: blockWriter}); err != nil {
+		t.Fatal(err)
+	}
+	return deviceNode(t, target), func() {
+		node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target})
+		node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging})
+	}
+}
+
+// TestKernelZoneResetGivesSpaceBackToTheNode: zones written through ublk
+// and reset with blkzone give their space back to the node at the
+// device's next flush: du of the volume's image drops by them, and
+// GetCapacity grows by them.
+func TestKernelZoneResetGivesSpaceBackToTheNode(t *testing.T) {
+	_, dir, _, ctl, node := pluginWithClients(t)
+	ctx := context.Background()
+	cv, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-resets", CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20},
+		Parameters: map[string]string{"zone.size": "16Mi"}, VolumeCapabilities: []*csi.VolumeCapability{blockWriter}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := cv.Volume.VolumeId
+	dev, unpublish := publishBlock(t, node, dir, id)
+	image := filepath.Join(dir, "pool", id+".qcow2")
+	measure := func() (du, free int64) {
+		t.Helper()
+		vmtest.Run(t, "sync", dev) // fsync: the device's flush
+		var st unix.Stat_t
+		if err := unix.Stat(image, &st); err != nil {
+			t.Fatal(err)
+		}
+		c, err := ctl.GetCapacity(ctx, &csi.GetCapacityRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Blocks * 512, c.AvailableCapacity
+	}
+	// Six zones of 16 MiB written, then four reset: 64 MiB to give back.
+	vmtest.Run(t, "dd", "if=/dev/urandom", "of="+dev, "bs=1M", "count=96", "oflag=direct")
+	du1, free1 := measure()
+	vmtest.Run(t, "blkzone", "reset", "--count", "4", dev)
+	du2, free2 := measure()
+	t.Logf("du of the image %d -> %d bytes, GetCapacity %d -> %d", du1, du2, free1, free2)
+	const given, slack = 64 << 20, 4 << 20
+	if du1-du2 < given-slack {
+		t.Errorf("du of the image went from %d to %d bytes over a reset of 64 MiB", du1, du2)
+	}
+	if free2-free1 < given-slack {
+		t.Errorf("GetCapacity went from %d to %d bytes over a reset of 64 MiB", free1, free2)
+	}
+	if out := vmtest.Run(t, "blkzone", "report", "--count", "6", dev); strings.Count(out, "zcond: 1(em)") != 4 {
+		t.Errorf("the reset zones are not empty:\n%s", out)
+	}
+	unpublish()
+	if _, err := ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatal(err)
 	}
 }
 

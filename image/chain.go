@@ -372,13 +372,16 @@ func (img *Image) keepReading(nb *Image, opts ChainOptions) error {
 }
 
 // switchBacking records name as the image's backing file ("" for none)
-// with writes a power cut cannot tear: the new name goes past everything
-// the header holds now, durably, and then the first sector, which alone
-// holds the name's place and length, is written on its own. img.mu is
-// held.
+// with writes a power cut cannot tear: with the header in this package's
+// layout (ownLayout), the new name goes past everything the header holds
+// now, durably, and then the first sector, which alone holds the name's
+// place and length, is written on its own. img.mu is held.
 func (img *Image) switchBacking(name string) error {
 	cur, err := img.hdr.encode()
 	if err != nil {
+		return err
+	}
+	if err := img.ownLayout(cur); err != nil {
 		return err
 	}
 	nh := *img.hdr

@@ -351,9 +351,17 @@ func (img *Image) freeLater(first, count int64) {
 
 type clusterRun struct{ first, count int64 }
 
-// releasePending applies the queued frees. Called by Flush once the
+// releasePending applies the queued frees and gives the space of the
+// clusters they free back to the filesystem. Called by Flush once the
 // references they drop are durable and no I/O is in flight.
+//
+// The holes are punched then, and only then: every reference to the
+// clusters is gone from the disk, so no crash brings one back over a hole,
+// and none of them can have been allocated again (the allocator takes
+// clusters with a refcount of 0, which they had only a moment ago, and
+// nothing allocates during a flush), so no later write lands in a hole.
 func (img *Image) releasePending() error {
+	var freed []clusterRun
 	for _, r := range img.pendingFree {
 		for c := r.first; c < r.first+r.count; c++ {
 			rc, err := img.refcount(c)
@@ -366,8 +374,25 @@ func (img *Image) releasePending() error {
 			if err := img.setRefcount(c, rc-1); err != nil {
 				return err
 			}
+			if rc > 1 {
+				continue
+			}
+			if k := len(freed); k > 0 && freed[k-1].first+freed[k-1].count == c {
+				freed[k-1].count++
+			} else {
+				freed = append(freed, clusterRun{c, 1})
+			}
 		}
 	}
 	img.pendingFree = img.pendingFree[:0]
+	p, ok := img.file.(holePuncher)
+	if !ok {
+		return nil
+	}
+	for _, r := range freed {
+		if err := p.PunchHole(r.first*img.clusterSize, r.count*img.clusterSize); err != nil {
+			return fmt.Errorf("giving clusters %d-%d back to the filesystem: %w", r.first, r.first+r.count-1, err)
+		}
+	}
 	return nil
 }

@@ -264,14 +264,8 @@ func (img *Image) switchHeader(nh *header) error {
 	if err != nil {
 		return err
 	}
-	onDisk := make([]byte, len(cur))
-	if err := readFull(img.file, onDisk, 0); err != nil {
-		return fmt.Errorf("reading the header: %w", err)
-	}
-	if !bytes.Equal(onDisk, cur) {
-		if err := img.writeHeader(); err != nil {
-			return err
-		}
+	if err := img.ownLayout(cur); err != nil {
+		return err
 	}
 	if len(next) != len(cur) || !bytes.Equal(next[min(512, len(next)):], cur[min(512, len(cur)):]) {
 		return fmt.Errorf("the new header differs from the old past its first sector, so a power cut could tear it: %w", ErrUnsupported)
@@ -283,6 +277,21 @@ func (img *Image) switchHeader(nh *header) error {
 		return err
 	}
 	return nil
+}
+
+// ownLayout rewrites the header in this package's layout, cur (the
+// encoding of img.hdr), unless the file holds it so already: another
+// tool's extension order or feature name table. A header switch that then
+// writes its first sector alone leaves the rest as the file has it.
+func (img *Image) ownLayout(cur []byte) error {
+	onDisk := make([]byte, len(cur))
+	if err := readFull(img.file, onDisk, 0); err != nil {
+		return fmt.Errorf("reading the header: %w", err)
+	}
+	if bytes.Equal(onDisk, cur) {
+		return nil
+	}
+	return img.writeHeader()
 }
 
 func boolInt(b bool) int {

@@ -23,8 +23,26 @@ type Storage interface {
 	Close() error
 }
 
+// holePuncher is Storage that can give the space of a range back to its
+// filesystem, the range reading as zeros afterwards: clusters an image
+// frees (zone resets, discards) stop taking room on the node.
+type holePuncher interface {
+	PunchHole(off, length int64) error
+}
+
 // osFile is Storage on a regular file.
 type osFile struct{ f *os.File }
+
+// PunchHole deallocates the range, keeping the file's size. A filesystem
+// that cannot (EOPNOTSUPP) keeps the space; the clusters are free all the
+// same.
+func (o osFile) PunchHole(off, length int64) error {
+	err := unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	if err != nil && !errors.Is(err, unix.EOPNOTSUPP) {
+		return &os.PathError{Op: "fallocate punch hole", Path: o.f.Name(), Err: err}
+	}
+	return nil
+}
 
 func (o osFile) ReadAt(p []byte, off int64) (int, error)  { return o.f.ReadAt(p, off) }
 func (o osFile) WriteAt(p []byte, off int64) (int, error) { return o.f.WriteAt(p, off) }

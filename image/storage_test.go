@@ -17,6 +17,7 @@ type memStorage struct {
 	pending []memWrite
 	writes  int // WriteAt and Truncate calls, for tests that must see none
 	syncs   int
+	punches int
 	closed  bool
 	// failWrite, when set, fails the write it returns true for.
 	failWrite func(off int64, n int) bool
@@ -95,6 +96,23 @@ func (m *memStorage) Truncate(size int64) error {
 		m.current = grow(m.current, size)
 	}
 	m.pending = append(m.pending, memWrite{off: size, truncate: true})
+	return nil
+}
+
+// PunchHole is a write of zeros: until a Sync, a power cut may keep or
+// drop it, sector by sector.
+func (m *memStorage) PunchHole(off, length int64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.writes++
+	m.mutating()
+	m.punches++
+	end := min(off+length, int64(len(m.current)))
+	if off >= end {
+		return nil
+	}
+	clear(m.current[off:end])
+	m.pending = append(m.pending, memWrite{off: off, data: make([]byte, end-off)})
 	return nil
 }
 

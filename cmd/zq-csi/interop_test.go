@@ -960,20 +960,29 @@ func TestInteropCommitAndRebaseAgreeWithQemuImg(t *testing.T) {
 			}
 		})
 	}
-	t.Run("unsafe rebase after a move", func(t *testing.T) {
-		zd := copyDir(t, orig)
-		long := "golden-" + strings.Repeat("g", 200) + ".qcow2" // its place moves past the header's first sector
-		if err := os.Rename(filepath.Join(zd, "mid.qcow2"), filepath.Join(zd, long)); err != nil {
-			t.Fatal(err)
-		}
-		zt := filepath.Join(zd, "top.qcow2")
-		mustOK(t, "rebase -u", zq(t, "image", "rebase", "-u", "-b", long, zt))
-		qemuImgCheckClean(t, zt)
-		verifyWith(t, "qemu-io", zt, m)
-		if info := qemuInfo(t, zt); info["backing-filename"] != long {
-			t.Fatalf("qemu-img info after the rebase: %v", info)
-		}
-	})
+	// An overlay qemu-img made has its own header layout (extension order,
+	// feature name table): the rebase must rewrite it whole, not only the
+	// first sector.
+	for _, maker := range []string{"zq-csi", "qemu-img"} {
+		t.Run("unsafe rebase after a move, overlay by "+maker, func(t *testing.T) {
+			zd := copyDir(t, orig)
+			zt := filepath.Join(zd, "top.qcow2")
+			if maker == "qemu-img" {
+				mustOK(t, "qemu-img rebase -u", runTool(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", zt))
+			}
+			long := "golden-" + strings.Repeat("g", 200) + ".qcow2" // its place moves past the header's first sector
+			if err := os.Rename(filepath.Join(zd, "mid.qcow2"), filepath.Join(zd, long)); err != nil {
+				t.Fatal(err)
+			}
+			mustOK(t, "rebase -u", zq(t, "image", "rebase", "-u", "-b", long, zt))
+			qemuImgCheckClean(t, zt)
+			zqCheckClean(t, zt)
+			verifyWith(t, "qemu-io", zt, m)
+			if info := qemuInfo(t, zt); info["backing-filename"] != long {
+				t.Fatalf("qemu-img info after the rebase: %v", info)
+			}
+		})
+	}
 }
 
 // TestInteropCommitOfAZonedOverlay: the backing file of a zoned overlay
