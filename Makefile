@@ -127,6 +127,9 @@ bench:
 	bash scripts/bench-nbd.sh | tee -a bench.txt
 	bash scripts/bench-ublk.sh | tee -a bench.txt
 	bash scripts/bench-db.sh | tee -a bench.txt
+	@echo "== 32 idle staged volumes: the plugin's memory and CPU (VM harness)"
+	$(MAKE) build
+	ZQ_CSI_BIN=$(CURDIR)/$(BIN) test/e2e/vm-go-test.sh ./driver -- -test.run '^$$' -test.bench IdleStagedVolumes -test.benchtime 1x | tee -a bench.txt
 
 # go test -fuzz takes one target of one package at a time: list them all.
 fuzz:

@@ -38,7 +38,7 @@ type plugin struct {
 }
 
 // startPlugin runs `zq-csi serve` on dir's socket, pool and state.
-func startPlugin(t *testing.T, bin, dir string) *plugin {
+func startPlugin(t testing.TB, bin, dir string) *plugin {
 	t.Helper()
 	sock := filepath.Join(dir, "csi.sock")
 	os.Remove(sock)
@@ -573,7 +573,7 @@ func TestKernelDatabaseUnderInjectedWriteErrors(t *testing.T) {
 // csiClients connects to a plugin; done closes the connection.
 // pluginWithClients starts the plugin built from ../cmd/zq-csi in a new
 // directory and connects to it, for the test's length.
-func pluginWithClients(t *testing.T) (bin, dir string, p *plugin, ctl csi.ControllerClient, node csi.NodeClient) {
+func pluginWithClients(t testing.TB) (bin, dir string, p *plugin, ctl csi.ControllerClient, node csi.NodeClient) {
 	t.Helper()
 	bin = vmtest.ZQCSI(t, "../cmd/zq-csi")
 	dir = t.TempDir()
@@ -583,7 +583,7 @@ func pluginWithClients(t *testing.T) (bin, dir string, p *plugin, ctl csi.Contro
 	return bin, dir, p, ctl, node
 }
 
-func csiClients(t *testing.T, p *plugin) (csi.ControllerClient, csi.NodeClient, func()) {
+func csiClients(t testing.TB, p *plugin) (csi.ControllerClient, csi.NodeClient, func()) {
 	t.Helper()
 	conn, err := grpc.NewClient(p.endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -666,7 +666,7 @@ func TestKernelSnapshotAndCloneOfAFilledVolume(t *testing.T) {
 
 // publishBlock stages and publishes Block volume id through ublk under
 // dir and returns its /dev node and how to unpublish and unstage it.
-func publishBlock(t *testing.T, node csi.NodeClient, dir, id string) (device string, unpublish func()) {
+func publishBlock(t testing.TB, node csi.NodeClient, dir, id string) (device string, unpublish func()) {
 	t.Helper()
 	ctx := context.Background()
 	staging, target := filepath.Join(dir, id, "staging"), filepath.Join(dir, id, "dev")
@@ -735,10 +735,81 @@ func TestKernelZoneResetGivesSpaceBackToTheNode(t *testing.T) {
 	}
 }
 
+// BenchmarkKernelIdleStagedVolumes stages 32 zoned volumes at once through
+// ublk and leaves them idle: the plugin's resident memory per staged
+// volume (over the plugin with none, and in all), and the CPU it takes
+// while they idle, in percent of one CPU per volume. One measurement,
+// whatever b.N.
+func BenchmarkKernelIdleStagedVolumes(b *testing.B) {
+	const volumes, idle = 32, 10 * time.Second
+	_, dir, p, ctl, node := pluginWithClients(b)
+	ctx := context.Background()
+	pid := p.cmd.Process.Pid
+	time.Sleep(time.Second) // the plugin's start-up settles
+	before := residentBytes(b, pid)
+	for i := range volumes {
+		cv, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: fmt.Sprintf("pvc-idle-%d", i), CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20},
+			Parameters: map[string]string{"zone.size": "16Mi"}, VolumeCapabilities: []*csi.VolumeCapability{blockWriter}})
+		if err != nil {
+			b.Fatal(err)
+		}
+		_, unpublish := publishBlock(b, node, dir, cv.Volume.VolumeId)
+		defer unpublish()
+	}
+	time.Sleep(2 * time.Second)
+	b.ResetTimer()
+	staged := residentBytes(b, pid)
+	cpu0 := cpuTicks(b, pid)
+	time.Sleep(idle)
+	cpu := float64(cpuTicks(b, pid)-cpu0) / 100 / idle.Seconds() * 100 // USER_HZ is 100
+	b.StopTimer()
+	b.ReportMetric(float64(staged-before)/volumes/(1<<20), "MiB/volume-added")
+	b.ReportMetric(float64(staged)/volumes/(1<<20), "MiB/volume-all")
+	b.ReportMetric(cpu/volumes, "%cpu/volume-idle")
+	b.ReportMetric(cpu, "%cpu-idle")
+}
+
+// residentBytes is VmRSS of process pid.
+func residentBytes(t testing.TB, pid int) int64 {
+	t.Helper()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kib int64
+	for _, line := range strings.Split(string(status), "\n") {
+		if _, err := fmt.Sscanf(line, "VmRSS: %d kB", &kib); err == nil {
+			return kib << 10
+		}
+	}
+	t.Fatalf("no VmRSS in /proc/%d/status", pid)
+	return 0
+}
+
+// cpuTicks is the user and system time process pid has used, in clock
+// ticks (proc(5): fields 14 and 15 of /proc/PID/stat).
+func cpuTicks(t testing.TB, pid int) int64 {
+	t.Helper()
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The command name, in parentheses, may hold spaces: count from after it.
+	fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+	var utime, stime int64
+	if _, err := fmt.Sscan(fields[11], &utime); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fmt.Sscan(fields[12], &stime); err != nil {
+		t.Fatal(err)
+	}
+	return utime + stime
+}
+
 // deviceNode names the /dev node of the block device file at path: the
 // plugin publishes a bind mount of it, and blkzone finds a device's zone
 // size in sysfs by its /dev name.
-func deviceNode(t *testing.T, path string) string {
+func deviceNode(t testing.TB, path string) string {
 	t.Helper()
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {

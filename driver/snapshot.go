@@ -239,6 +239,11 @@ func (d *Driver) DeleteSnapshot(ctx context.Context, req *csi.DeleteSnapshotRequ
 	if err := os.Remove(d.pool.snapshotMetaPath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, statusf(codes.Internal, "DeleteSnapshot %s: %v", id, err)
 	}
+	// The metadata's removal is durable before collect removes the image:
+	// a power cut must not leave a snapshot listed without its image.
+	if err := syncDir(d.pool.dir); err != nil {
+		return nil, statusf(codes.Internal, "DeleteSnapshot %s: %v", id, err)
+	}
 	if err := d.collect(); err != nil {
 		return nil, statusf(codes.Internal, "DeleteSnapshot %s: %v", id, err)
 	}

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/zq-csi/zq-csi/bufpool"
 	"github.com/zq-csi/zq-csi/volume"
 )
 
@@ -258,16 +259,23 @@ func ServeTransmission(nc net.Conn, e *Export) error {
 	return c.transmit()
 }
 
+// buffers holds the servers' request buffers (write payloads, read
+// data), shared by every connection: a reply's data is in the connection's
+// writer or on the socket before its buffer goes back.
+var buffers bufpool.Pool
+
 // conn is one client connection.
 type conn struct {
-	nc      net.Conn
-	r       *bufio.Reader
-	wmu     sync.Mutex
-	w       *bufio.Writer
-	werr    error
-	exp     *Export
-	workers chan struct{}
-	wg      sync.WaitGroup
+	nc  net.Conn
+	r   *bufio.Reader
+	wmu sync.Mutex
+	// replying counts the replies holding or waiting for wmu (lockReply).
+	replying atomic.Int32
+	w        *bufio.Writer
+	werr     error
+	exp      *Export
+	workers  chan struct{}
+	wg       sync.WaitGroup
 
 	structured bool // NBD_OPT_STRUCTURED_REPLY negotiated
 	metaAlloc  bool // base:allocation selected
@@ -575,14 +583,18 @@ func (c *conn) transmit() error {
 				c.replyError(req, errOverflow, "write larger than the maximum block size")
 				continue
 			}
-			payload = make([]byte, req.length)
+			payload = buffers.Get(int(req.length))
 			if _, rerr := io.ReadFull(c.r, payload); rerr != nil {
+				buffers.Put(payload)
 				<-c.workers
 				err = fmt.Errorf("reading write payload: %w", rerr)
 				break
 			}
 		}
 		if e, msg := c.check(req); e != 0 {
+			if payload != nil {
+				buffers.Put(payload)
+			}
 			<-c.workers
 			c.replyError(req, e, msg)
 			continue
@@ -603,6 +615,9 @@ func (c *conn) transmit() error {
 				<-after
 			}
 			c.handle(req, payload)
+			if payload != nil {
+				buffers.Put(payload)
+			}
 			if done != nil {
 				close(done)
 			}
@@ -692,7 +707,8 @@ func (c *conn) handle(req request, payload []byte) {
 			c.structuredRead(req)
 			return
 		}
-		buf := make([]byte, n)
+		buf := buffers.Get(int(n))
+		defer buffers.Put(buf)
 		if err = b.ReadAt(buf, off); err == nil {
 			c.reply(req, 0, buf)
 			return
@@ -732,7 +748,8 @@ func (c *conn) structuredRead(req request) {
 	if len(exts) == 0 {
 		exts = []volume.Extent{{Offset: off, Length: n, Data: true}}
 	}
-	buf := make([]byte, n)
+	buf := buffers.Get(int(n))
+	defer buffers.Put(buf)
 	for _, e := range exts {
 		if e.Zero {
 			continue
@@ -742,8 +759,8 @@ func (c *conn) structuredRead(req request) {
 			return
 		}
 	}
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
+	c.lockReply()
+	defer c.unlockReply()
 	for i, e := range exts {
 		var flags uint16
 		if i == len(exts)-1 {
@@ -758,7 +775,6 @@ func (c *conn) structuredRead(req request) {
 			c.chunkLocked(req.cookie, flags, replyOffsetData, p, buf[e.Offset-off:e.Offset-off+e.Length])
 		}
 	}
-	c.flushLocked()
 }
 
 // clip drops empty extents and any part outside [off, off+n), so that no
@@ -813,16 +829,15 @@ func (c *conn) blockStatus(req request) {
 		p = binary.BigEndian.AppendUint32(p, uint32(e.Length))
 		p = binary.BigEndian.AppendUint32(p, st)
 	}
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
+	c.lockReply()
+	defer c.unlockReply()
 	c.chunkLocked(req.cookie, replyFlagDone, replyBlockStatus, p, nil)
-	c.flushLocked()
 }
 
 // reply sends a simple reply.
 func (c *conn) reply(req request, errno uint32, data []byte) {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
+	c.lockReply()
+	defer c.unlockReply()
 	if c.werr != nil {
 		return
 	}
@@ -832,7 +847,6 @@ func (c *conn) reply(req request, errno uint32, data []byte) {
 	binary.BigEndian.PutUint64(h[8:], req.cookie)
 	c.write(h[:])
 	c.write(data)
-	c.flushLocked()
 }
 
 // replyError sends an error: a structured error chunk for the commands
@@ -848,10 +862,9 @@ func (c *conn) replyError(req request, errno uint32, msg string) {
 	p := binary.BigEndian.AppendUint32(nil, errno)
 	p = binary.BigEndian.AppendUint16(p, uint16(len(msg)))
 	p = append(p, msg...)
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
+	c.lockReply()
+	defer c.unlockReply()
 	c.chunkLocked(req.cookie, replyFlagDone, replyError, p, nil)
-	c.flushLocked()
 }
 
 func (c *conn) chunkLocked(cookie uint64, flags, typ uint16, p, data []byte) {
@@ -871,6 +884,22 @@ func (c *conn) write(b []byte) {
 		_, c.werr = c.w.Write(b)
 		c.brokenLocked()
 	}
+}
+
+// lockReply takes the reply writer for one reply. unlockReply sends what
+// is buffered unless another reply is waiting for the writer: the last of
+// a burst sends them all in one write, and no reply waits behind a
+// request still being served.
+func (c *conn) lockReply() {
+	c.replying.Add(1)
+	c.wmu.Lock()
+}
+
+func (c *conn) unlockReply() {
+	if c.replying.Add(-1) == 0 {
+		c.flushLocked()
+	}
+	c.wmu.Unlock()
 }
 
 // flushLocked sends the buffered replies.

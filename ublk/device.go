@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/zq-csi/zq-csi/bufpool"
 	"github.com/zq-csi/zq-csi/volume"
 )
 
@@ -69,7 +70,7 @@ type Device struct {
 	stopped chan struct{} // closed when every queue ended
 	errMu   sync.Mutex
 	err     error
-	bufs    bufferPool
+	bufs    bufpool.Pool
 
 	ops    [opReportZones + 1]atomic.Uint64 // requests served, by operation
 	failed atomic.Uint64

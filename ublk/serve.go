@@ -78,15 +78,15 @@ func (q *queue) handle(tag int, r iod) (n int, lba uint64, err error) {
 	n = int(r.nrSectors) * volume.SectorSize
 	switch r.op {
 	case opReadIO:
-		buf := d.bufs.get(n)
-		defer d.bufs.put(buf)
+		buf := d.bufs.Get(n)
+		defer d.bufs.Put(buf)
 		if err = d.b.ReadAt(buf, off); err == nil {
 			err = q.copyOut(tag, buf)
 		}
 		return n, 0, err
 	case opWriteIO:
-		buf := d.bufs.get(n)
-		defer d.bufs.put(buf)
+		buf := d.bufs.Get(n)
+		defer d.bufs.Put(buf)
 		if err = q.copyIn(tag, buf); err == nil {
 			err = d.b.WriteAt(buf, off)
 		}
@@ -106,8 +106,8 @@ func (q *queue) handle(tag int, r iod) (n int, lba uint64, err error) {
 	}
 	switch r.op {
 	case opZoneAppend:
-		buf := d.bufs.get(n)
-		defer d.bufs.put(buf)
+		buf := d.bufs.Get(n)
+		defer d.bufs.Put(buf)
 		if err = q.copyIn(tag, buf); err != nil {
 			return 0, 0, err
 		}
@@ -145,8 +145,8 @@ func (q *queue) report(tag int, off int64, nr int) (int, error) {
 	if len(zones) == 0 {
 		return 0, fmt.Errorf("report zones at %#x: outside the device: %w", off, syscall.EINVAL)
 	}
-	buf := d.bufs.get(len(zones) * blkZoneSize)
-	defer d.bufs.put(buf)
+	buf := d.bufs.Get(len(zones) * blkZoneSize)
+	defer d.bufs.Put(buf)
 	const s = volume.SectorSize
 	for i, z := range zones {
 		putBlkZone(buf[i*blkZoneSize:], uint64(z.Start/s), uint64(z.Length/s), uint64(z.WritePointer/s),
@@ -156,8 +156,8 @@ func (q *queue) report(tag int, off int64, nr int) (int, error) {
 		return 0, err
 	}
 	done := len(buf)
-	zeros := d.bufs.get(pageSize)
-	defer d.bufs.put(zeros)
+	zeros := d.bufs.Get(pageSize)
+	defer d.bufs.Put(zeros)
 	clear(zeros)
 	for {
 		chunk := zeros[:pageSize-done%pageSize]

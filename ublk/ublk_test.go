@@ -340,16 +340,3 @@ func TestOpenControlWithoutModule(t *testing.T) {
 		t.Fatalf("openControl: %v", err)
 	}
 }
-
-func TestBufferPoolSizeClasses(t *testing.T) {
-	var p bufferPool
-	for _, tc := range []struct{ n, cap int }{
-		{1, 4096}, {4096, 4096}, {4097, 8192}, {512 << 10, 512 << 10}, {(512 << 10) + 512, 1 << 20}, {32 << 20, 32 << 20},
-	} {
-		b := p.get(tc.n)
-		if len(b) != tc.n || cap(b) != tc.cap {
-			t.Errorf("get(%d): len %d cap %d, want cap %d", tc.n, len(b), cap(b), tc.cap)
-		}
-		p.put(b)
-	}
-}

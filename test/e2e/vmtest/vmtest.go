@@ -98,7 +98,7 @@ func CheckImageClean(t *testing.T, path string) {
 
 // ZQCSI returns the zq-csi binary: $ZQ_CSI_BIN when set (built on the
 // host, e.g. bin/zq-csi), else one built now from cmdDir.
-func ZQCSI(t *testing.T, cmdDir string) string {
+func ZQCSI(t testing.TB, cmdDir string) string {
 	t.Helper()
 	if p := os.Getenv("ZQ_CSI_BIN"); p != "" {
 		return p
@@ -175,7 +175,7 @@ func (a *Attach) Wait(t *testing.T) error {
 
 // Run runs a tool and returns its combined output, failing the test if it
 // fails.
-func Run(t *testing.T, name string, args ...string) string {
+func Run(t testing.TB, name string, args ...string) string {
 	t.Helper()
 	out, err := exec.Command(name, args...).CombinedOutput()
 	if err != nil {
