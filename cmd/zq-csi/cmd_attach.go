@@ -16,7 +16,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -152,14 +151,12 @@ func runAttach(e *env, args []string) int {
 		return e.fail(err, attachUsage)
 	}
 
-	var profile *os.File
-	if *cpuProfile != "" {
-		// Created before the image is opened: a bad path fails with nothing attached.
-		if profile, err = os.Create(*cpuProfile); err != nil {
-			return e.fail(fmt.Errorf("--cpu-profile: %w", err), nil)
-		}
-		defer profile.Close()
+	// Created before the image is opened: a bad path fails with nothing attached.
+	profile, err := createProfile(*cpuProfile)
+	if err != nil {
+		return e.fail(err, nil)
 	}
+	defer profile.close()
 	vol, err := openSession(operands[0], *readOnly)
 	if err != nil {
 		return e.fail(err, nil)
@@ -205,13 +202,7 @@ func runAttach(e *env, args []string) int {
 		return e.fail(err, nil)
 	}
 	fmt.Fprintln(e.stdout, d.Path())
-	if profile != nil {
-		if err := pprof.StartCPUProfile(profile); err != nil {
-			e.errorf("attach: --cpu-profile: %v", err)
-		} else {
-			defer pprof.StopCPUProfile()
-		}
-	}
+	defer profile.start(e)()
 
 	code := exitOK
 	select {

@@ -26,7 +26,7 @@ import (
 
 func exportUsage(w io.Writer) {
 	fmt.Fprintf(w, `Usage: zq-csi export [--socket PATH | --tcp HOST:PORT] [--name NAME] [--read-only] [--shared N]
-                     [--fault-socket PATH] [--volatile-cache] [--faults F] FILE
+                     [--fault-socket PATH] [--volatile-cache] [--faults F] [--cpu-profile OUT] FILE
 
 Serve FILE (a qcow2 image, zoned or not) over NBD, like qemu-nbd, until
 SIGTERM or SIGINT. It listens on a unix socket unless --tcp is given, and
@@ -38,6 +38,9 @@ prints the NBD URI of the export on start.
   --name NAME      export name (default "", as qemu-nbd)
   --read-only      refuse writes
   --shared N       serve at most N connections at once (0: no limit, the default)
+diagnostics:
+  --cpu-profile OUT  write a CPU profile of the server to OUT (go tool pprof), from the
+                   moment it listens until it stops
 `+faultFlagsUsage)
 }
 
@@ -48,6 +51,7 @@ func runExport(e *env, args []string) int {
 	name := fs.String("name", "", "export name")
 	readOnly := fs.Bool("read-only", false, "refuse writes")
 	shared := fs.Int("shared", 0, "maximum connections")
+	cpuProfile := fs.String("cpu-profile", "", "CPU profile output")
 	faults := addFaultFlags(fs)
 	operands, err := parseInterspersed(fs, args)
 	if errors.Is(err, flag.ErrHelp) {
@@ -69,6 +73,11 @@ func runExport(e *env, args []string) int {
 		return e.fail(err, exportUsage)
 	}
 
+	profile, err := createProfile(*cpuProfile)
+	if err != nil {
+		return e.fail(err, nil)
+	}
+	defer profile.close()
 	vol, err := openSession(operands[0], *readOnly)
 	if err != nil {
 		return e.fail(err, nil)
@@ -119,6 +128,7 @@ func runExport(e *env, args []string) int {
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
 	fmt.Fprintln(e.stdout, uri)
+	stopProfile := profile.start(e)
 
 	code := exitOK
 	select {
@@ -133,6 +143,7 @@ func runExport(e *env, args []string) int {
 		e.errorf("export: waiting for the connections: %v", err)
 		code = exitFailure
 	}
+	stopProfile()
 	if err := vol.Close(); err != nil {
 		e.errorf("export: %v", err)
 		code = exitFailure
