@@ -26,6 +26,17 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 TOOLS=${ZQ_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/zq-csi-tools}
+# Snapshots on the node (external-snapshotter's csi-snapshotter and
+# snapshot-controller built, its CRDs, the controller and the chart's
+# sidecar and VolumeSnapshotClass) only for a run that may take snapshot
+# specs: ZQ_KUBE_E2E_ALL=1, a focus, or ZQ_KUBE_SNAPSHOTS=1. CI runs none
+# of them (e2e-skip.tsv, "time:"), and the chart's default has none.
+if [[ -z ${ZQ_KUBE_SNAPSHOTS:-} ]]; then
+	ZQ_KUBE_SNAPSHOTS=0
+	[[ ${ZQ_KUBE_E2E_ALL:-0} == 1 || -n ${ZQ_KUBE_E2E_FOCUS:-} ]] && ZQ_KUBE_SNAPSHOTS=1
+fi
+export ZQ_KUBE_SNAPSHOTS
+snapshots() { [[ $ZQ_KUBE_SNAPSHOTS == 1 ]]; }
 
 if [[ ${1:-} != --guest ]]; then
 	# runc's seccomp needs libseccomp-dev and pkg-config to build; the
@@ -34,7 +45,7 @@ if [[ ${1:-} != --guest ]]; then
 	# btrfs-progs and f2fs-tools into the plugin's.
 	ZQ_EXTRA_PKGS="libseccomp-dev pkg-config containernetworking-plugins iproute2 openssl zbd-utils busybox-static btrfs-progs f2fs-tools" \
 		bash "$root/scripts/deps.sh"
-	bash "$root/scripts/kube-tools.sh" node provisioner snapshotter e2e
+	bash "$root/scripts/kube-tools.sh" node provisioner $(snapshots && echo snapshotter) e2e
 	work=$(mktemp -d /var/tmp/zq-kube.XXXXXX)
 	trap 'rm -rf "$work"' EXIT
 	(cd "$root" && go build -o "$work/zq-csi" ./cmd/zq-csi)
@@ -69,15 +80,17 @@ if [[ ${1:-} != --guest ]]; then
 		--add /usr/sbin/fsck.btrfs=/usr/sbin/fsck.btrfs --add /usr/bin/dash=/bin/sh --bin /usr/bin/btrfs --bin /usr/sbin/blockdev
 	"$work/ocibuild" --tag zq-csi.local/csi-provisioner:dev --out "$work/csi-provisioner.tar" --entrypoint /csi-provisioner \
 		--add "$(readlink -f "$TOOLS/bin/csi-provisioner")=/csi-provisioner"
-	"$work/ocibuild" --tag zq-csi.local/csi-snapshotter:dev --out "$work/csi-snapshotter.tar" --entrypoint /csi-snapshotter \
-		--add "$(readlink -f "$TOOLS/bin/csi-snapshotter")=/csi-snapshotter"
-	# The snapshot CRDs, from external-snapshotter's client module of the
-	# snapshotter's release (scripts/kube-tools.sh SNAPSHOTTER_VERSION).
-	snapshot_client=$(cd "$work" && go mod download -json \
-		"github.com/kubernetes-csi/external-snapshotter/client/v8@${SNAPSHOTTER_VERSION:-v8.7.0}" |
-		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
-	mkdir -p "$work/snapshot-crds"
-	cp "$snapshot_client"/config/crd/snapshot.storage.k8s.io_*.yaml "$work/snapshot-crds/"
+	if snapshots; then
+		"$work/ocibuild" --tag zq-csi.local/csi-snapshotter:dev --out "$work/csi-snapshotter.tar" --entrypoint /csi-snapshotter \
+			--add "$(readlink -f "$TOOLS/bin/csi-snapshotter")=/csi-snapshotter"
+		# The snapshot CRDs, from external-snapshotter's client module of the
+		# snapshotter's release (scripts/kube-tools.sh SNAPSHOTTER_VERSION).
+		snapshot_client=$(cd "$work" && go mod download -json \
+			"github.com/kubernetes-csi/external-snapshotter/client/v8@${SNAPSHOTTER_VERSION:-v8.7.0}" |
+			sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+		mkdir -p "$work/snapshot-crds"
+		cp "$snapshot_client"/config/crd/snapshot.storage.k8s.io_*.yaml "$work/snapshot-crds/"
+	fi
 	# what a user's zoned test pod runs: fio, util-linux's blkzone, libzbd's
 	# zbd, and a shell
 	"$work/ocibuild" --tag zq-csi.local/workload:1 --out "$work/workload.tar" --entrypoint /bin/sh \
@@ -217,16 +230,18 @@ pids+=($!)
 # control plane's are (a cluster runs it as a Deployment), in its
 # distributed mode: it labels each dynamic VolumeSnapshotContent with its
 # volume's node, whose csi-snapshotter (the chart's, per node) takes it.
-if kubectl apply -f "$img/snapshot-crds/" >"$work/logs/snapshot-crds.log" 2>&1 &&
+if ! snapshots; then
+	echo "# snapshots: none on this node (ZQ_KUBE_SNAPSHOTS=1, ZQ_KUBE_E2E_ALL=1 or a focus adds them)"
+elif kubectl apply -f "$img/snapshot-crds/" >"$work/logs/snapshot-crds.log" 2>&1 &&
 	kubectl wait --for condition=established --timeout=120s crd/volumesnapshots.snapshot.storage.k8s.io \
 		crd/volumesnapshotcontents.snapshot.storage.k8s.io crd/volumesnapshotclasses.snapshot.storage.k8s.io >>"$work/logs/snapshot-crds.log" 2>&1; then
 	ok "the snapshot CRDs established"
+	snapshot-controller --kubeconfig "$KUBECONFIG" --leader-election=false --enable-distributed-snapshotting \
+		>"$work/logs/snapshot-controller.log" 2>&1 &
+	pids+=($!)
 else
 	not_ok "the snapshot CRDs: $(tail -n 5 "$work/logs/snapshot-crds.log")"
 fi
-snapshot-controller --kubeconfig "$KUBECONFIG" --leader-election=false --enable-distributed-snapshotting \
-	>"$work/logs/snapshot-controller.log" 2>&1 &
-pids+=($!)
 
 # ---- container runtime -------------------------------------------------------
 cat >"$work/cni/10-zq.conflist" <<'EOF'
@@ -334,9 +349,9 @@ sidecars:
     image: {repository: zq-csi.local/csi-provisioner, tag: dev, pullPolicy: Never}
     capacityPollInterval: 10s
   snapshotter:
-    enabled: true
+    enabled: $(snapshots && echo true || echo false)
     image: {repository: zq-csi.local/csi-snapshotter, tag: dev, pullPolicy: Never}
-volumeSnapshotClass: {create: true}
+volumeSnapshotClass: {create: $(snapshots && echo true || echo false)}
 storageClasses:
   - name: zq-csi
     default: false
