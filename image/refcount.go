@@ -385,13 +385,12 @@ func (img *Image) releasePending() error {
 		}
 	}
 	img.pendingFree = img.pendingFree[:0]
-	p, ok := img.file.(holePuncher)
-	if !ok {
-		return nil
-	}
-	for _, r := range freed {
-		if err := p.PunchHole(r.first*img.clusterSize, r.count*img.clusterSize); err != nil {
-			return fmt.Errorf("giving clusters %d-%d back to the filesystem: %w", r.first, r.first+r.count-1, err)
+	if p, ok := img.file.(holePuncher); ok {
+		for _, r := range freed {
+			// Best effort: a hole that cannot be punched leaves the space
+			// with the image, for its own later writes; the clusters are
+			// free all the same, and the flush must not fail for it.
+			_ = p.PunchHole(r.first*img.clusterSize, r.count*img.clusterSize)
 		}
 	}
 	return nil

@@ -33,12 +33,10 @@ type holePuncher interface {
 // osFile is Storage on a regular file.
 type osFile struct{ f *os.File }
 
-// PunchHole deallocates the range, keeping the file's size. A filesystem
-// that cannot (EOPNOTSUPP) keeps the space; the clusters are free all the
-// same.
+// PunchHole deallocates the range, keeping the file's size (a filesystem
+// without hole punching says EOPNOTSUPP).
 func (o osFile) PunchHole(off, length int64) error {
-	err := unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
-	if err != nil && !errors.Is(err, unix.EOPNOTSUPP) {
+	if err := unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length); err != nil {
 		return &os.PathError{Op: "fallocate punch hole", Path: o.f.Name(), Err: err}
 	}
 	return nil
