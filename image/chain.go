@@ -94,13 +94,16 @@ func Merge(path string, opts MergeOptions) (err error) {
 				if _, err := base.WriteAt(p, off); err != nil {
 					return fmt.Errorf("%s: backing file: %w", path, err)
 				}
-				opts.report(done+off+int64(len(p))-r.Offset, total)
+				done += int64(len(p))
+				opts.report(done, total)
 			}
 		default:
 			continue
 		}
-		done += r.Length
-		opts.report(done, total)
+		if r.Zero {
+			done += r.Length
+			opts.report(done, total)
+		}
 		if err := step("merged a run"); err != nil {
 			return err
 		}

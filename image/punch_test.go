@@ -105,8 +105,7 @@ func TestPowerCutAroundZoneResetsKeepsEveryByteBelowTheWritePointer(t *testing.T
 }
 
 // resetsWithCut runs the workload with a power cut before its cut-th file
-// call (none if cut is 0) and checks what the cut left; it reports whether
-// the cut came.
+// call and checks what the cut left; it reports whether the cut came.
 func resetsWithCut(t *testing.T, cut int, seed uint64) bool {
 	t.Helper()
 	const zs = smallZoneSize

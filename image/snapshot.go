@@ -116,7 +116,7 @@ func (img *Image) SnapshotTo(path string) error {
 	return img.moveOnto(below)
 }
 
-// step runs the test hook of a durable step, if any.
+// step runs the test hook of a step, if any.
 func step(name string) error {
 	if testHookStep == nil {
 		return nil

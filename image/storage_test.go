@@ -15,7 +15,7 @@ type memStorage struct {
 	durable []byte
 	current []byte
 	pending []memWrite
-	writes  int // WriteAt and Truncate calls, for tests that must see none
+	writes  int // WriteAt, Truncate and PunchHole calls, for tests that must see none
 	syncs   int
 	punches int
 	closed  bool
